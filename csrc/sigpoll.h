@@ -1,0 +1,98 @@
+/*
+ * sigpoll core: one epoll set fed by O_ASYNC real-time signals, with a retry step.
+ *
+ * A poller owns an epoll set holding
+ *   - the device fds the caller registers,
+ *   - a signalfd for the poller's real-time signal and for SIGIO (RT-queue overflow),
+ *   - an eventfd so another thread can interrupt sp_poller_wait().
+ *
+ * Signals are hints, never the readiness state: on a tty the kernel sends SIGIO before
+ * the epoll callback runs (and sometimes before there is room at all), so the poller
+ * always sleeps in epoll_wait and confirms any hinted fd epoll has not reported with a
+ * level-triggered poll().  See docs/design.md for the ordering and why each step exists.
+ *
+ * All functions return 0 (or a count) on success and a negative errno on failure;
+ * none of them ever returns -EINTR.  -ESHUTDOWN means the poller has been closed.
+ */
+#ifndef SIGPOLL_H
+#define SIGPOLL_H
+
+#include <stdint.h>
+
+typedef struct sp_poller sp_poller;
+
+/* One readiness report: the fd and its epoll event bits (EPOLLIN, EPOLLOUT, ...). */
+typedef struct sp_event {
+    int32_t fd;
+    uint32_t events;
+} sp_event;
+
+typedef struct sp_counters {
+    uint64_t wakeups;         /* returns from epoll_wait / sigtimedwait */
+    uint64_t signals;         /* siginfo records read (RT hints and SIGIO) */
+    uint64_t hints_confirmed; /* hint for an fd epoll reported in the same wake-up */
+    uint64_t hints_pending;   /* hint for an fd that was not ready yet: left armed in epoll */
+    uint64_t edges_recovered; /* hint for an fd epoll had not reported, found ready at level */
+    uint64_t overflows;       /* plain SIGIO seen: the RT signal queue overflowed */
+    uint64_t rescans;         /* full level rescans of every registered fd */
+} sp_counters;
+
+enum sp_mode {
+    SP_MODE_SIGPOLL = 0, /* the race-free scheme */
+    SP_MODE_NAIVE = 1    /* UML's scheme, kept only for the reproducer and benches */
+};
+
+/* Registration flags. */
+#define SP_EDGE 1u       /* edge-triggered in epoll (EPOLLET) */
+#define SP_NO_SIGNAL 2u  /* epoll only: leave O_ASYNC off (sockets gain nothing from it) */
+
+/* Wake-up reasons returned through sp_poller_wait's last argument (may be NULL). */
+#define SP_WOKEN 1u /* sp_poller_wake() was called */
+
+/*
+ * Create a poller.  signo is the real-time signal for O_ASYNC hints (ignored in naive
+ * mode, which uses SIGIO like UML).  max_events sizes the preallocated event buffer.
+ * The calling thread becomes the owner: signals are aimed at it until another thread waits.
+ */
+int sp_poller_new(int signo, int mode, int max_events, sp_poller **out);
+
+/* Release everything; the poller must not be in use by another thread.  NULL is ignored. */
+void sp_poller_free(sp_poller *p);
+
+/* Close: wakes a waiter (which then gets -ESHUTDOWN), unregisters every fd restoring its
+ * flags, signal and owner, and closes the poller's own fds.  Idempotent. */
+int sp_poller_close(sp_poller *p);
+
+/* The epoll fd: pollable, so a poller can be nested in another event loop. -ESHUTDOWN if closed. */
+int sp_poller_fileno(sp_poller *p);
+
+int sp_poller_register(sp_poller *p, int fd, uint32_t events, uint32_t flags);
+int sp_poller_modify(sp_poller *p, int fd, uint32_t events, uint32_t flags);
+/* Restores the fd's original file status flags, F_SETSIG signal and owner. */
+int sp_poller_unregister(sp_poller *p, int fd);
+/* 1 if registered, 0 if not; events/flags are filled when non-NULL. */
+int sp_poller_lookup(sp_poller *p, int fd, uint32_t *events, uint32_t *flags);
+
+/*
+ * Wait up to timeout_ms (-1: forever, 0: poll) and fill out[0..max) with ready fds.
+ * Returns the count (0 on timeout or a bare wake-up).  Interruptions by signals are
+ * restarted internally with the remaining timeout.  Thread-safe against register,
+ * modify, unregister, wake and close from other threads.
+ */
+int sp_poller_wait(sp_poller *p, int timeout_ms, sp_event *out, int max, uint32_t *woken);
+
+/* Interrupt a wait from any thread (async-signal-safe). */
+int sp_poller_wake(sp_poller *p);
+
+void sp_poller_counters(sp_poller *p, sp_counters *out);
+
+/* The signal that carries hints (SIGIO in naive mode). */
+int sp_poller_signal(sp_poller *p);
+
+/* The thread id fds are currently owned by. */
+int sp_poller_owner_tid(sp_poller *p);
+
+/* Number of registered fds. */
+int sp_poller_count(sp_poller *p);
+
+#endif /* SIGPOLL_H */

@@ -1,0 +1,323 @@
+"""The Poller: a thin Python face on the C core in csrc/ (see csrc/sigpoll.h)."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import math
+import os
+import select
+import signal as _signal_module
+import stat
+import warnings
+from typing import Literal, Protocol, Union
+
+from ._core import ffi, lib
+from ._errors import PollerClosedError, SignalMaskWarning
+from ._signals import DEFAULT_SIGNAL, check_signal_free, threads_not_blocking
+
+__all__ = [
+    "ERROR",
+    "HANGUP",
+    "READABLE",
+    "WRITABLE",
+    "Counters",
+    "FileLike",
+    "Poller",
+]
+
+READABLE: int = select.EPOLLIN
+WRITABLE: int = select.EPOLLOUT
+ERROR: int = select.EPOLLERR
+HANGUP: int = select.EPOLLHUP
+
+_MAX_TIMEOUT_MS = 2**31 - 1
+_SIGIO = int(_signal_module.SIGIO)  # the kernel's fallback when the RT queue overflows
+_MODES = {"sigpoll": lib.SP_MODE_SIGPOLL, "naive": lib.SP_MODE_NAIVE}
+
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+FileLike = Union[int, _HasFileno]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Counters:
+    """What the poller has seen since it was created.
+
+    ``hints_pending`` counts signals for an fd that was not ready yet when checked: the fd
+    stayed armed in epoll and its later edge woke a later wait.  ``edges_recovered`` counts
+    hinted fds epoll had not reported but a level check found ready: each one is an event
+    a poller acting only on epoll_wait(.., 0) after the signal (UML's scheme) would have
+    lost or delayed.
+    """
+
+    wakeups: int = 0
+    signals: int = 0
+    hints_confirmed: int = 0
+    hints_pending: int = 0
+    edges_recovered: int = 0
+    overflows: int = 0
+    rescans: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def _fd_of(fileobj: FileLike) -> int:
+    if isinstance(fileobj, int):
+        fd = fileobj
+    else:
+        try:
+            fd = int(fileobj.fileno())
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError(f"invalid file object: {fileobj!r}") from None
+    if fd < 0:
+        raise ValueError(f"invalid file descriptor: {fd}")
+    return fd
+
+
+def _describe(fd: int) -> str:
+    """A short name for the kind of file behind fd, for error messages."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return "closed"
+    for test, name in (
+        (stat.S_ISREG, "regular file"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISFIFO, "pipe"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return name
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")  # e.g. anon_inode:[eventfd]
+    except OSError:
+        return "unknown file type"
+
+
+class Poller:
+    """An epoll set fed by O_ASYNC real-time signals, with a retry step so no edge is lost.
+
+    ``register`` puts an fd in the epoll set and, unless ``signals=False``, turns on
+    O_ASYNC|O_NONBLOCK with F_SETSIG set to the poller's real-time signal and the owner
+    set to the polling thread.  ``wait`` always sleeps in epoll_wait; queued signals are
+    read through a signalfd as hints, and a hinted fd epoll did not report is checked at
+    level, so a readiness edge that the kernel signalled before epoll saw it is neither
+    lost nor invented.  See docs/design.md.
+
+    ``mode="naive"`` reproduces User-Mode Linux's scheme (SIGIO, sleep until it arrives,
+    ``epoll_wait(.., 0)`` once, edge-triggered, no retry).  It loses events by design and
+    exists only for the reproducer (``python -m sigpoll.stress xxd``) and the benches.
+
+    The poller's signals are blocked in the creating thread, and in any thread that calls
+    ``wait``.  Threads started afterwards inherit the block; threads that already existed
+    are checked, and a :class:`SignalMaskWarning` names any that do not block them.
+    """
+
+    __slots__ = ("_p", "_buf", "_ints", "_max", "_woken", "_mode", "_signal", "__weakref__")
+
+    def __init__(
+        self,
+        *,
+        signal: int | None = None,
+        mode: Literal["sigpoll", "naive"] = "sigpoll",
+        max_events: int = 256,
+    ) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode must be 'sigpoll' or 'naive', not {mode!r}")
+        if not isinstance(max_events, int) or not 1 <= max_events <= 65536:
+            raise ValueError(f"max_events must be an int from 1 to 65536, not {max_events!r}")
+        signo = DEFAULT_SIGNAL if signal is None else int(signal)
+        if mode == "sigpoll":
+            check_signal_free(signo)
+        out = ffi.new("sp_poller **")
+        rc = lib.sp_poller_new(signo, _MODES[mode], max_events, out)
+        if rc < 0:
+            raise OSError(-rc, f"cannot create poller: {os.strerror(-rc)}")
+        self._p = ffi.gc(out[0], lib.sp_poller_free)
+        self._mode = mode
+        self._signal = lib.sp_poller_signal(self._p)
+        self._max = max_events
+        self._buf = ffi.new("sp_event[]", max_events)
+        # One view of the event buffer as flat (fd, events) pairs: wait() slices it into
+        # tuples without touching cffi struct fields one at a time.
+        self._ints = memoryview(ffi.buffer(self._buf)).cast("I")
+        self._woken = ffi.new("uint32_t *")
+        unblocked = threads_not_blocking(self._signal, _SIGIO)
+        if unblocked:
+            warnings.warn(
+                SignalMaskWarning(
+                    f"threads {unblocked} do not block signal {self._signal} and SIGIO; "
+                    "create the Poller before starting threads, or call "
+                    "signal.pthread_sigmask(signal.SIG_BLOCK, {...}) in them"
+                ),
+                stacklevel=2,
+            )
+
+    # -- properties ----------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """``"sigpoll"`` or ``"naive"``."""
+        return self._mode
+
+    @property
+    def signal(self) -> int:
+        """The signal that carries readiness hints (SIGIO in naive mode)."""
+        return self._signal
+
+    @property
+    def closed(self) -> bool:
+        return lib.sp_poller_fileno(self._p) < 0
+
+    @property
+    def counters(self) -> Counters:
+        """A snapshot of the poller's counters."""
+        c = ffi.new("sp_counters *")
+        lib.sp_poller_counters(self._p, c)
+        return Counters(
+            c.wakeups, c.signals, c.hints_confirmed, c.hints_pending,
+            c.edges_recovered, c.overflows, c.rescans,
+        )
+
+    def fileno(self) -> int:
+        """The epoll fd.  It is pollable, so the poller can nest inside another event loop."""
+        fd = lib.sp_poller_fileno(self._p)
+        if fd < 0:
+            raise PollerClosedError("the poller is closed")
+        return fd
+
+    def __len__(self) -> int:
+        return lib.sp_poller_count(self._p)
+
+    def __contains__(self, fileobj: FileLike) -> bool:
+        return bool(lib.sp_poller_lookup(self._p, _fd_of(fileobj), ffi.NULL, ffi.NULL))
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self)} fds"
+        return f"<sigpoll.Poller mode={self._mode} signal={self._signal} {state}>"
+
+    # -- registration --------------------------------------------------------------------
+
+    def register(
+        self, fileobj: FileLike, events: int, *, edge: bool = False, signals: bool = True
+    ) -> None:
+        """Watch ``fileobj`` for ``events`` (READABLE, WRITABLE, ...).
+
+        ``edge=True`` registers it edge-triggered.  ``signals=False`` leaves O_ASYNC off
+        and uses epoll alone, for fds (sockets, pipes) where a signal adds only cost.
+        Raises FileExistsError if the fd is already registered, OSError naming the fd if
+        it is not open or cannot be polled or signal-driven; nothing is changed then.
+        """
+        fd = _fd_of(fileobj)
+        flags = (lib.SP_EDGE if edge else 0) | (0 if signals else lib.SP_NO_SIGNAL)
+        rc = lib.sp_poller_register(self._p, fd, _check_events(events), flags)
+        if rc < 0:
+            raise self._registration_error(-rc, fd)
+
+    def modify(self, fileobj: FileLike, events: int, *, edge: bool | None = None) -> None:
+        """Change the events (and optionally edge/level) an fd is watched for."""
+        fd = _fd_of(fileobj)
+        old = ffi.new("uint32_t *")
+        if not lib.sp_poller_lookup(self._p, fd, ffi.NULL, old):
+            self._raise_if_closed()
+            raise KeyError(f"fd {fd} is not registered")
+        if edge is None:
+            edge = bool(old[0] & lib.SP_EDGE)
+        rc = lib.sp_poller_modify(self._p, fd, _check_events(events), lib.SP_EDGE if edge else 0)
+        if rc < 0:
+            raise self._registration_error(-rc, fd)
+
+    def unregister(self, fileobj: FileLike) -> None:
+        """Stop watching an fd and restore its file status flags, signal and owner.
+
+        An fd the caller already closed is simply forgotten.
+        """
+        fd = _fd_of(fileobj)
+        rc = lib.sp_poller_unregister(self._p, fd)
+        if rc < 0:
+            raise self._registration_error(-rc, fd)
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        """Wait for readiness; return ``[(fd, events), ...]`` (empty on timeout or wake).
+
+        ``timeout`` is in seconds; None waits until an event or :meth:`wake`.  A signal
+        that interrupts the wait restarts it internally; a poller closed by another
+        thread raises :class:`PollerClosedError`.
+        """
+        if timeout is None:
+            ms = -1
+        elif timeout <= 0:
+            ms = 0
+        else:
+            ms = min(math.ceil(timeout * 1000), _MAX_TIMEOUT_MS)
+        n = lib.sp_poller_wait(self._p, ms, self._buf, self._max, self._woken)
+        if n <= 0:
+            if n == 0:
+                return []
+            if n == -errno.ESHUTDOWN:
+                raise PollerClosedError("the poller was closed")
+            if n == -errno.EBUSY:
+                raise RuntimeError("another thread is already waiting on this poller")
+            raise OSError(-n, f"poller wait failed: {os.strerror(-n)}")
+        ints = self._ints
+        return list(zip(ints[0 : 2 * n : 2], ints[1 : 2 * n : 2]))
+
+    def wake(self) -> None:
+        """Make a current or the next :meth:`wait` return at once.  Thread-safe."""
+        rc = lib.sp_poller_wake(self._p)
+        if rc < 0 and rc != -errno.ESHUTDOWN:
+            raise OSError(-rc, os.strerror(-rc))
+
+    def close(self) -> None:
+        """Unregister every fd (restoring its flags) and release the poller's own fds.
+
+        A thread blocked in :meth:`wait` is woken and gets :class:`PollerClosedError`.
+        Closing twice is harmless.
+        """
+        lib.sp_poller_close(self._p)
+
+    def __enter__(self) -> Poller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- errors --------------------------------------------------------------------------
+
+    def _raise_if_closed(self) -> None:
+        if self.closed:
+            raise PollerClosedError("the poller is closed")
+
+    def _registration_error(self, code: int, fd: int) -> Exception:
+        if code == errno.ESHUTDOWN:
+            return PollerClosedError("the poller is closed")
+        if code == errno.ENOENT:
+            return KeyError(f"fd {fd} is not registered")
+        if code == errno.EEXIST:
+            return FileExistsError(code, f"fd {fd} is already registered")
+        if code == errno.EBADF:
+            return OSError(code, f"fd {fd} is not an open file descriptor")
+        if code == errno.EPERM:
+            return OSError(code, f"fd {fd} ({_describe(fd)}) cannot be polled: epoll refuses it")
+        if code == errno.EOPNOTSUPP:
+            return OSError(
+                code,
+                f"fd {fd} ({_describe(fd)}) does not support O_ASYNC signal-driven I/O; "
+                "register it with signals=False to watch it through epoll alone",
+            )
+        return OSError(code, f"fd {fd}: {os.strerror(code)}")
+
+
+def _check_events(events: int) -> int:
+    if not isinstance(events, int) or events < 0 or events > 0xFFFFFFFF:
+        raise ValueError(f"invalid events mask: {events!r}")
+    return events

@@ -1,0 +1,597 @@
+"""The core poller against real ptys, pipes, sockets and signals."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import sigpoll
+from sigpoll import READABLE, WRITABLE, Poller, PollerClosedError
+
+F_GETSIG = 11
+F_GETOWN_EX = 16
+
+
+def owner_of(fd: int) -> tuple[int, int]:
+    """(type, pid) from F_GETOWN_EX."""
+    raw = fcntl.fcntl(fd, F_GETOWN_EX, b"\0" * 8)
+    return struct.unpack("ii", raw)
+
+
+def fill(fd: int) -> int:
+    """Write until EAGAIN; return the byte count."""
+    total = 0
+    chunk = b"x" * 4096
+    while True:
+        try:
+            total += os.write(fd, chunk)
+        except BlockingIOError:
+            return total
+
+
+def drain(fd: int) -> int:
+    total = 0
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except (BlockingIOError, OSError):
+            return total
+        if not data:
+            return total
+        total += len(data)
+
+
+@pytest.fixture
+def poller() -> Iterator[Poller]:
+    p = Poller()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def pty_pair() -> Iterator[tuple[int, int]]:
+    master, slave = os.openpty()
+    os.set_blocking(master, False)
+    yield master, slave
+    os.close(master)
+    os.close(slave)
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe()
+    yield r, w
+    for fd in (r, w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# -- registration -------------------------------------------------------------------------
+
+
+def test_register_sets_async_nonblock_signal_and_thread_owner(poller: Poller, pty_pair) -> None:
+    _, slave = pty_pair
+    before = fcntl.fcntl(slave, fcntl.F_GETFL)
+    assert not before & (os.O_NONBLOCK | fcntl.FASYNC)
+    poller.register(slave, READABLE)
+    flags = fcntl.fcntl(slave, fcntl.F_GETFL)
+    assert flags & os.O_NONBLOCK and flags & fcntl.FASYNC
+    assert fcntl.fcntl(slave, F_GETSIG) == poller.signal == sigpoll.DEFAULT_SIGNAL
+    kind, tid = owner_of(slave)
+    assert (kind, tid) == (0, threading.get_native_id())  # F_OWNER_TID is 0
+    assert slave in poller and len(poller) == 1
+
+
+def test_unregister_restores_flags_signal_and_owner(poller: Poller, pty_pair) -> None:
+    _, slave = pty_pair
+    before = (fcntl.fcntl(slave, fcntl.F_GETFL), fcntl.fcntl(slave, F_GETSIG), owner_of(slave))
+    poller.register(slave, READABLE | WRITABLE, edge=True)
+    poller.unregister(slave)
+    after = (fcntl.fcntl(slave, fcntl.F_GETFL), fcntl.fcntl(slave, F_GETSIG), owner_of(slave))
+    assert after == before
+    assert slave not in poller
+
+
+def test_close_restores_every_fd(pty_pair, pipe) -> None:
+    _, slave = pty_pair
+    r, _ = pipe
+    before = [fcntl.fcntl(fd, fcntl.F_GETFL) for fd in (slave, r)]
+    p = Poller()
+    p.register(slave, READABLE)
+    p.register(r, READABLE)
+    p.close()
+    p.close()  # idempotent
+    assert [fcntl.fcntl(fd, fcntl.F_GETFL) for fd in (slave, r)] == before
+    assert p.closed
+    with pytest.raises(PollerClosedError):
+        p.wait(0)
+    with pytest.raises(PollerClosedError):
+        p.register(slave, READABLE)
+
+
+def test_signals_false_leaves_flags_alone(poller: Poller) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        before = fcntl.fcntl(a.fileno(), fcntl.F_GETFL)
+        poller.register(a, READABLE, signals=False)
+        assert fcntl.fcntl(a.fileno(), fcntl.F_GETFL) == before
+        b.send(b"x")
+        assert poller.wait(1) == [(a.fileno(), READABLE)]
+        poller.unregister(a)
+
+
+def test_modify_changes_events_and_keeps_edge(poller: Poller, pipe) -> None:
+    r, w = pipe
+    poller.register(w, READABLE, edge=True)
+    assert poller.wait(0) == []
+    poller.modify(w, WRITABLE)
+    assert poller.wait(0) == [(w, WRITABLE)]
+    assert poller.wait(0) == []  # still edge-triggered
+    poller.modify(w, WRITABLE, edge=False)
+    assert poller.wait(0) == [(w, WRITABLE)]
+    assert poller.wait(0) == [(w, WRITABLE)]  # level now
+
+
+def test_unknown_fd_modify_unregister(poller: Poller, pipe) -> None:
+    r, _ = pipe
+    with pytest.raises(KeyError, match=f"fd {r} is not registered"):
+        poller.modify(r, READABLE)
+    with pytest.raises(KeyError, match=f"fd {r} is not registered"):
+        poller.unregister(r)
+
+
+def test_double_registration_is_refused_and_changes_nothing(poller: Poller, pipe) -> None:
+    r, _ = pipe
+    poller.register(r, READABLE)
+    flags = fcntl.fcntl(r, fcntl.F_GETFL)
+    with pytest.raises(FileExistsError, match=f"fd {r} is already registered"):
+        poller.register(r, WRITABLE)
+    assert fcntl.fcntl(r, fcntl.F_GETFL) == flags
+
+
+def test_bad_fd_names_the_fd(poller: Poller) -> None:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    with pytest.raises(OSError, match=f"fd {r} is not an open file descriptor") as info:
+        poller.register(r, READABLE)
+    assert info.value.errno == errno.EBADF
+    with pytest.raises(ValueError):
+        poller.register(-1, READABLE)
+    with pytest.raises(ValueError):
+        poller.register(object(), READABLE)  # type: ignore[arg-type]
+
+
+def test_regular_file_is_refused_without_side_effects(poller: Poller, tmp_path) -> None:
+    with open(tmp_path / "f", "w") as f:
+        before = fcntl.fcntl(f.fileno(), fcntl.F_GETFL)
+        with pytest.raises(OSError, match=rf"fd {f.fileno()} \(regular file\)"):
+            poller.register(f, READABLE)
+        assert fcntl.fcntl(f.fileno(), fcntl.F_GETFL) == before
+        assert f not in poller and len(poller) == 0
+
+
+def test_fd_without_async_support_is_refused_cleanly(poller: Poller) -> None:
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        before = fcntl.fcntl(efd, fcntl.F_GETFL)
+        with pytest.raises(OSError, match=rf"fd {efd} .*does not support O_ASYNC") as info:
+            poller.register(efd, READABLE)
+        assert info.value.errno == errno.EOPNOTSUPP
+        assert fcntl.fcntl(efd, fcntl.F_GETFL) == before and efd not in poller
+        poller.register(efd, READABLE, signals=False)  # epoll alone is fine
+        os.eventfd_write(efd, 1)
+        assert poller.wait(1) == [(efd, READABLE)]
+    finally:
+        poller.unregister(efd)
+        os.close(efd)
+
+
+def test_unregister_after_close_of_fd(poller: Poller) -> None:
+    r, w = os.pipe()
+    poller.register(r, READABLE)
+    os.close(r)
+    os.close(w)
+    poller.unregister(r)  # forgotten quietly
+    assert len(poller) == 0
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        Poller(mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_events"):
+        Poller(max_events=0)
+    with pytest.raises(ValueError, match="not a real-time signal"):
+        Poller(signal=signal.SIGUSR1)
+
+
+def test_signal_with_a_handler_is_refused() -> None:
+    signo = signal.SIGRTMIN + 3
+    old = signal.signal(signo, lambda *a: None)
+    try:
+        with pytest.raises(ValueError, match="already has a handler"):
+            Poller(signal=signo)
+    finally:
+        signal.signal(signo, old)
+
+
+# -- readiness ----------------------------------------------------------------------------
+
+
+def test_level_and_edge(poller: Poller, pipe) -> None:
+    r, w = pipe
+    r2, w2 = os.pipe()
+    try:
+        poller.register(r, READABLE)
+        poller.register(r2, READABLE, edge=True)
+        os.write(w, b"a")
+        os.write(w2, b"a")
+        assert sorted(poller.wait(1)) == sorted([(r, READABLE), (r2, READABLE)])
+        assert poller.wait(0) == [(r, READABLE)]  # level repeats, edge does not
+        os.read(r, 1)
+        assert poller.wait(0) == []
+        os.write(w2, b"b")  # a new edge
+        assert poller.wait(1) == [(r2, READABLE)]
+    finally:
+        poller.unregister(r2)
+        os.close(r2)
+        os.close(w2)
+
+
+def test_pty_write_edge_after_eagain(poller: Poller, pty_pair) -> None:
+    master, slave = pty_pair
+    poller.register(slave, WRITABLE, edge=True)
+    assert poller.wait(1) == [(slave, WRITABLE)]
+    # The pty's flush work frees room after EAGAIN, which is a real edge: fill until the
+    # buffers on both sides are full and no edge follows.
+    for _ in range(50):
+        fill(slave)
+        if poller.wait(0.05) == []:
+            break
+    else:
+        pytest.fail("the pty never stayed full")
+    drain(master)
+    events = poller.wait(2)
+    assert events == [(slave, WRITABLE)]
+
+
+def test_timeout_and_wake(poller: Poller) -> None:
+    t0 = time.monotonic()
+    assert poller.wait(0.05) == []
+    assert time.monotonic() - t0 >= 0.045
+    threading.Timer(0.05, poller.wake).start()
+    t0 = time.monotonic()
+    assert poller.wait(10) == []
+    assert time.monotonic() - t0 < 5
+    poller.wake()
+    assert poller.wait(None) == []  # a wake before the wait is not lost
+
+
+def test_close_from_another_thread_raises_distinct_error(pipe) -> None:
+    r, _ = pipe
+    p = Poller()
+    p.register(r, READABLE)
+    flags = fcntl.fcntl(r, fcntl.F_GETFL)
+    threading.Timer(0.1, p.close).start()
+    with pytest.raises(PollerClosedError):
+        p.wait(None)
+    assert not fcntl.fcntl(r, fcntl.F_GETFL) & fcntl.FASYNC  # restored after the waiter left
+    assert flags & fcntl.FASYNC
+
+
+def test_second_concurrent_waiter_is_refused(poller: Poller) -> None:
+    errors: list[BaseException] = []
+    t = threading.Thread(target=lambda: poller.wait(1))
+    t.start()
+    time.sleep(0.1)
+    try:
+        poller.wait(0)
+    except RuntimeError as e:
+        errors.append(e)
+    poller.wake()
+    t.join()
+    assert errors and "already waiting" in str(errors[0])
+
+
+def test_waiting_from_another_thread_reaims_signals(pty_pair) -> None:
+    master, slave = pty_pair
+    p = Poller()
+    p.register(slave, READABLE)
+    result: list[object] = []
+
+    def run() -> None:
+        result.append(p.wait(2))
+        result.append(owner_of(slave)[1])
+        result.append(threading.get_native_id())
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.1)
+    os.write(master, b"hello\n")
+    t.join()
+    p.close()
+    assert result[0] == [(slave, READABLE)]
+    assert result[1] == result[2]
+
+
+def test_counters_count_signals_and_hints(poller: Poller, pipe) -> None:
+    r, w = pipe
+    poller.register(r, READABLE)
+    for _ in range(5):
+        os.write(w, b"x")
+        assert poller.wait(1) == [(r, READABLE)]
+        os.read(r, 1)
+    c = poller.counters
+    assert c.signals >= 5 and c.wakeups >= 5
+    assert c.hints_confirmed + c.edges_recovered + c.hints_pending >= 5
+    assert set(c.as_dict()) == {
+        "wakeups", "signals", "hints_confirmed", "hints_pending",
+        "edges_recovered", "overflows", "rescans",
+    }
+
+
+def test_many_events_in_one_batch_respect_max_events(pipe) -> None:
+    p = Poller(max_events=4)
+    pipes = [os.pipe() for _ in range(10)]
+    try:
+        for r, w in pipes:
+            p.register(r, READABLE)
+            os.write(w, b"x")
+        seen: set[int] = set()
+        for _ in range(10):
+            batch = p.wait(0)
+            assert len(batch) <= 4
+            seen.update(fd for fd, _ in batch)
+            for fd, _ in batch:
+                os.read(fd, 1)
+        assert seen == {r for r, _ in pipes}
+    finally:
+        p.close()
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+
+
+def test_thousand_fds() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    p = Poller(max_events=1024)
+    pairs = [socket.socketpair() for _ in range(1000)]
+    try:
+        for a, _ in pairs:
+            p.register(a, READABLE)
+        assert len(p) == 1000
+        for _, b in pairs[::3]:
+            b.send(b"x")
+        expected = {a.fileno() for a, _ in pairs[::3]}
+        got: set[int] = set()
+        deadline = time.monotonic() + 5
+        while got != expected and time.monotonic() < deadline:
+            got.update(fd for fd, _ in p.wait(0.5))
+        assert got == expected
+    finally:
+        p.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+# -- signals ------------------------------------------------------------------------------
+
+
+def test_signal_storm_from_another_thread_loses_nothing(pty_pair) -> None:
+    """SIGUSR1 (with a Python handler) and stray RT signals hammer the polling thread while
+    it moves data through a pty; no wait ever raises EINTR and every byte arrives."""
+    master, slave = pty_pair
+    handled = 0
+
+    def on_usr1(signum: int, frame: object) -> None:
+        nonlocal handled
+        handled += 1
+
+    old = signal.signal(signal.SIGUSR1, on_usr1)
+    p = Poller()
+    p.register(slave, WRITABLE, edge=True)
+    target = threading.get_native_id()
+    main_ident = threading.main_thread().ident
+    assert threading.current_thread().ident == main_ident
+    stop = threading.Event()
+
+    def storm() -> None:
+        while not stop.is_set():
+            signal.pthread_kill(main_ident, signal.SIGUSR1)
+            try:
+                signal.pthread_kill(main_ident, p.signal)  # no fd: must be ignored as a hint
+            except BlockingIOError:
+                pass  # the RT queue is full: that is part of the storm
+            time.sleep(0.0002)
+
+    received = bytearray()
+
+    def reader() -> None:
+        while True:
+            r, _, _ = select.select([master], [], [], 0.2)
+            if r:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:
+                    return
+                received.extend(data)
+                time.sleep(0.0005)  # slow enough to force EAGAIN
+            elif stop.is_set():
+                return
+
+    payload = bytes(range(256)) * 8000
+    total = len(payload)
+    stormer = threading.Thread(target=storm)
+    rd = threading.Thread(target=reader)
+    # make the slave raw so bytes pass through unchanged
+    import tty
+
+    tty.setraw(slave)
+    stormer.start()
+    rd.start()
+    sent = 0
+    try:
+        while sent < total:
+            try:
+                sent += os.write(slave, payload[sent : sent + 8192])
+            except BlockingIOError:
+                p.wait(1)
+    finally:
+        deadline = time.monotonic() + 10
+        while len(received) < total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        stormer.join()
+        rd.join()
+        p.close()
+        signal.signal(signal.SIGUSR1, old)
+    assert handled > 0
+    assert bytes(received) == payload
+    assert p.counters.signals > 0
+
+
+OVERFLOW_SCRIPT = textwrap.dedent(
+    """
+    import os, resource, socket, sys, json
+    import sigpoll
+    # A tiny pending-signal budget: the 64 fds below each queue an RT signal at once,
+    # so the kernel runs out and falls back to a plain SIGIO with no fd.
+    resource.setrlimit(resource.RLIMIT_SIGPENDING, (8, 8))
+    p = sigpoll.Poller(max_events=256)
+    pairs = [socket.socketpair() for _ in range(64)]
+    for a, _ in pairs:
+        p.register(a, sigpoll.READABLE, edge=True)
+    # Drain the registration edges first, so what follows are fresh edges.
+    p.wait(0)
+    for _, b in pairs:
+        b.send(b"x")
+    got = set()
+    for _ in range(20):
+        got.update(fd for fd, _ in p.wait(0.2))
+        if len(got) == len(pairs):
+            break
+    c = p.counters.as_dict()
+    print(json.dumps({"got": len(got), "want": len(pairs), **c}))
+    """
+)
+
+
+def test_forced_rt_queue_overflow_delivers_every_event() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", OVERFLOW_SCRIPT], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    import json
+
+    res = json.loads(out.stdout)
+    assert res["got"] == res["want"], res
+    assert res["overflows"] >= 1 and res["rescans"] >= 1, res
+
+
+MASK_SCRIPT = textwrap.dedent(
+    """
+    import signal, threading, time, warnings, sigpoll
+    # A blocked mask survives exec, so undo what the parent test process may have passed on.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sigpoll.DEFAULT_SIGNAL, signal.SIGIO})
+    ev = threading.Event()
+    t = threading.Thread(target=ev.wait)
+    t.start()   # started before the poller: it does not block the signals
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        p = sigpoll.Poller()
+    ev.set(); t.join()
+    print(len(w), w[0].category.__name__ if w else "", t.native_id in sigpoll.threads_not_blocking(p.signal))
+    """
+)
+
+
+def test_threads_that_do_not_block_the_signal_are_reported() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", MASK_SCRIPT], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    count, category, _ = out.stdout.split()
+    assert count == "1" and category == "SignalMaskWarning"
+
+
+def test_threads_started_after_the_poller_inherit_the_block(poller: Poller) -> None:
+    seen: list[list[int]] = []
+    t = threading.Thread(target=lambda: seen.append(sigpoll.threads_not_blocking(poller.signal)))
+    t.start()
+    t.join()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert poller.signal in mask and signal.SIGIO in mask
+
+
+# -- fork ---------------------------------------------------------------------------------
+
+
+def test_fork_then_use_in_child(pipe) -> None:
+    r, w = pipe
+    p = Poller()
+    p.register(r, READABLE)
+    pid = os.fork()
+    if pid == 0:  # child: its own epoll set, its own signalfd
+        code = 1
+        try:
+            r2, w2 = os.pipe()
+            p.register(r2, READABLE)
+            os.write(w2, b"c")
+            first = p.wait(2)
+            os.write(w, b"p")
+            second = sorted(p.wait(2))
+            if first == [(r2, READABLE)] and second == sorted([(r, READABLE), (r2, READABLE)]):
+                code = 0
+            p.close()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's poller is untouched by the child's registrations and close.
+    assert p.wait(1) == [(r, READABLE)]
+    assert len(p) == 1
+    assert fcntl.fcntl(r, fcntl.F_GETFL) & fcntl.FASYNC
+    p.close()
+
+
+# -- naive mode ---------------------------------------------------------------------------
+
+
+def test_naive_mode_is_umls_scheme(pty_pair) -> None:
+    master, slave = pty_pair
+    p = Poller(mode="naive")
+    try:
+        assert p.signal == signal.SIGIO
+        p.register(slave, WRITABLE)
+        assert fcntl.fcntl(slave, F_GETSIG) == signal.SIGIO
+        assert owner_of(slave) == (1, os.getpid())  # F_OWNER_PID: the process, as UML does
+        fill(slave)
+        drain(master)
+        # Whatever it reports, it must never block past its timeout.
+        t0 = time.monotonic()
+        p.wait(0.5)
+        assert time.monotonic() - t0 < 2
+        threading.Timer(0.05, p.wake).start()
+        assert p.wait(5) == []
+    finally:
+        p.close()
