@@ -10,3 +10,42 @@ import sigpoll
 # thread pytest or a test starts afterwards inherits that.  Blocking up front as well keeps
 # the order of tests from mattering.
 signal.pthread_sigmask(signal.SIG_BLOCK, {sigpoll.DEFAULT_SIGNAL, signal.SIGIO})
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def _loop_factories() -> list[tuple[str, LoopFactory]]:
+    """Every loop a test body runs on: stock asyncio always, sigpoll's when it exists.
+
+    One body, several loops (uvloop's way): any difference in behaviour shows up as a
+    test that passes on one and fails on the other.
+    """
+    factories: list[tuple[str, LoopFactory]] = [("asyncio", asyncio.new_event_loop)]
+    if hasattr(sigpoll, "new_event_loop"):
+        factories.append(("sigpoll", sigpoll.new_event_loop))
+    return factories
+
+
+@pytest.fixture(params=[name for name, _ in _loop_factories()])
+def loop_factory(request: pytest.FixtureRequest) -> LoopFactory:
+    return dict(_loop_factories())[request.param]
+
+
+@pytest.fixture
+def run(loop_factory: LoopFactory) -> Callable[..., object]:
+    """run(coro) on a fresh loop of the parametrised kind."""
+
+    def runner(coro: object, timeout: float = 60) -> object:
+        loop = loop_factory()
+        try:
+            return loop.run_until_complete(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type]
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    return runner
