@@ -58,6 +58,7 @@ struct sp_poller {
     int epfd, sigfd, evfd;
     int closed;
     int waiters;
+    uint32_t options;    /* SP_RETURN_ON_EINTR */
     uint64_t fork_gen;   /* fork generation the fds belong to */
     pid_t owner_tid;     /* thread the fds' signals are aimed at */
     sigset_t sigs;       /* signals this poller blocks and reads */
@@ -688,6 +689,11 @@ static int wait_sigpoll(sp_poller *p, int timeout_ms, sp_event *out, int max, ui
         got = epoll_wait(epfd, p->evbuf, cap, timeout_ms);
         if (got >= 0 || errno != EINTR)
             break;
+        if (p->options & SP_RETURN_ON_EINTR) {
+            *woken |= SP_INTERRUPTED;
+            got = 0;
+            break;
+        }
         /* Interrupted: restart with what is left, never surface EINTR. */
         if (timeout_ms > 0) {
             int64_t left = deadline - now_ms();
@@ -744,6 +750,10 @@ static int wait_naive(sp_poller *p, int timeout_ms, sp_event *out, int max, uint
         }
         if (rc >= 0 || errno != EINTR)
             break;
+        if (p->options & SP_RETURN_ON_EINTR) {
+            *woken |= SP_INTERRUPTED;
+            break;
+        }
         if (timeout_ms > 0) {
             int64_t left = deadline - now_ms();
             timeout_ms = left > 0 ? (int)left : 0;
@@ -838,6 +848,13 @@ void sp_poller_counters(sp_poller *p, sp_counters *out)
 }
 
 int sp_poller_signal(sp_poller *p) { return p->signo; }
+
+void sp_poller_set_options(sp_poller *p, uint32_t options)
+{
+    pthread_mutex_lock(&p->lock);
+    p->options = options;
+    pthread_mutex_unlock(&p->lock);
+}
 
 int sp_poller_owner_tid(sp_poller *p) { return p->owner_tid; }
 

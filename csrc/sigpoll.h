@@ -47,7 +47,13 @@ enum sp_mode {
 #define SP_NO_SIGNAL 2u  /* epoll only: leave O_ASYNC off (sockets gain nothing from it) */
 
 /* Wake-up reasons returned through sp_poller_wait's last argument (may be NULL). */
-#define SP_WOKEN 1u /* sp_poller_wake() was called */
+#define SP_WOKEN 1u       /* sp_poller_wake() was called */
+#define SP_INTERRUPTED 2u /* a signal handler must run first (only with SP_RETURN_ON_EINTR) */
+
+/* Poller options for sp_poller_set_options. */
+#define SP_RETURN_ON_EINTR 1u /* return 0 with SP_INTERRUPTED instead of restarting at once:
+                                 for runtimes (like CPython) whose signal handlers run only
+                                 when control comes back to them; they restart the wait */
 
 /*
  * Create a poller.  signo is the real-time signal for O_ASYNC hints (ignored in naive
@@ -80,6 +86,8 @@ int sp_poller_lookup(sp_poller *p, int fd, uint32_t *events, uint32_t *flags);
  * modify, unregister, wake and close from other threads.
  */
 int sp_poller_wait(sp_poller *p, int timeout_ms, sp_event *out, int max, uint32_t *woken);
+
+void sp_poller_set_options(sp_poller *p, uint32_t options);
 
 /* Interrupt a wait from any thread (async-signal-safe). */
 int sp_poller_wake(sp_poller *p);

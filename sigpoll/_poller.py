@@ -9,6 +9,7 @@ import os
 import select
 import signal as _signal_module
 import stat
+import time
 import warnings
 from typing import Literal, Protocol, Union
 
@@ -33,6 +34,7 @@ HANGUP: int = select.EPOLLHUP
 
 _MAX_TIMEOUT_MS = 2**31 - 1
 _SIGIO = int(_signal_module.SIGIO)  # the kernel's fallback when the RT queue overflows
+_INTERRUPTED = lib.SP_INTERRUPTED
 _MODES = {"sigpoll": lib.SP_MODE_SIGPOLL, "naive": lib.SP_MODE_NAIVE}
 
 
@@ -149,6 +151,9 @@ class Poller:
         # tuples without touching cffi struct fields one at a time.
         self._ints = memoryview(ffi.buffer(self._buf)).cast("I")
         self._woken = ffi.new("uint32_t *")
+        # CPython runs signal handlers only when control returns to the interpreter, so the
+        # core hands an EINTR back here and wait() restarts after they ran (PEP 475's way).
+        lib.sp_poller_set_options(self._p, lib.SP_RETURN_ON_EINTR)
         unblocked = threads_not_blocking(self._signal, _SIGIO)
         if unblocked:
             warnings.warn(
@@ -259,17 +264,25 @@ class Poller:
             ms = 0
         else:
             ms = min(math.ceil(timeout * 1000), _MAX_TIMEOUT_MS)
-        n = lib.sp_poller_wait(self._p, ms, self._buf, self._max, self._woken)
-        if n <= 0:
+            deadline = time.monotonic() + timeout
+        while True:
+            n = lib.sp_poller_wait(self._p, ms, self._buf, self._max, self._woken)
+            if n > 0:
+                ints = self._ints
+                return list(zip(ints[0 : 2 * n : 2], ints[1 : 2 * n : 2]))
             if n == 0:
-                return []
+                if not self._woken[0] & _INTERRUPTED:
+                    return []
+                # A signal arrived: its Python handler has run by now (and may have
+                # raised, e.g. KeyboardInterrupt).  Restart with the time that is left.
+                if ms > 0:
+                    ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+                continue
             if n == -errno.ESHUTDOWN:
                 raise PollerClosedError("the poller was closed")
             if n == -errno.EBUSY:
                 raise RuntimeError("another thread is already waiting on this poller")
             raise OSError(-n, f"poller wait failed: {os.strerror(-n)}")
-        ints = self._ints
-        return list(zip(ints[0 : 2 * n : 2], ints[1 : 2 * n : 2]))
 
     def wake(self) -> None:
         """Make a current or the next :meth:`wait` return at once.  Thread-safe."""

@@ -63,13 +63,22 @@ def set_winsize(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-_saved_modes: dict[int, list[Any]] = {}
+# fd -> (termios settings, file status flags) to put back, also from a signal handler.
+_saved_modes: dict[int, tuple[list[Any], int]] = {}
+
+
+def _restore(fd: int, mode: list[Any], flags: int) -> None:
+    with contextlib.suppress(OSError, termios.error):
+        termios.tcsetattr(fd, termios.TCSAFLUSH, mode)
+    # The console transport makes the fd non-blocking; on a terminal that file description
+    # is shared with the shell, which must not get it back non-blocking.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
 def _restore_all_modes() -> None:
-    for fd, mode in list(_saved_modes.items()):
-        with contextlib.suppress(OSError, termios.error):
-            termios.tcsetattr(fd, termios.TCSAFLUSH, mode)
+    for fd, (mode, flags) in list(_saved_modes.items()):
+        _restore(fd, mode, flags)
     _saved_modes.clear()
 
 
@@ -84,6 +93,7 @@ def _restore_and_reraise(signum: int, frame: object) -> None:
         previous(signum, frame)
         return
     signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
     os.kill(os.getpid(), signum)
 
 
@@ -91,16 +101,18 @@ def _restore_and_reraise(signum: int, frame: object) -> None:
 def raw_mode(fd: int) -> Iterator[None]:
     """Put the tty behind ``fd`` in raw mode for the ``with`` block; always restore it.
 
-    The previous settings come back on normal exit, on exceptions (KeyboardInterrupt
-    included) and on SIGTERM/SIGHUP, so the user's terminal is never left raw.  Not a tty:
-    nothing to do.
+    The previous settings (and the fd's blocking mode) come back on normal exit, on
+    exceptions (KeyboardInterrupt included) and on SIGTERM/SIGHUP, so the user's terminal
+    is never left raw.  SIGKILL cannot be caught: ``stty sane`` then.  Not a tty: nothing
+    to do.
     """
     if not os.isatty(fd):
         yield
         return
     saved = termios.tcgetattr(fd)
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     first = not _saved_modes
-    _saved_modes[fd] = saved
+    _saved_modes[fd] = (saved, flags)
     if first and _is_main_thread():
         for signum in (signal.SIGTERM, signal.SIGHUP):
             _previous_handlers[signum] = signal.signal(signum, _restore_and_reraise)
@@ -108,8 +120,7 @@ def raw_mode(fd: int) -> Iterator[None]:
         tty.setraw(fd)
         yield
     finally:
-        with contextlib.suppress(OSError, termios.error):
-            termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+        _restore(fd, saved, flags)
         _saved_modes.pop(fd, None)
         if not _saved_modes and _is_main_thread():
             for signum, previous in list(_previous_handlers.items()):

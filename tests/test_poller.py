@@ -282,6 +282,33 @@ def test_timeout_and_wake(poller: Poller) -> None:
     assert poller.wait(None) == []  # a wake before the wait is not lost
 
 
+def test_python_signal_handlers_run_during_a_long_wait(poller: Poller) -> None:
+    """EINTR never surfaces, but Python's handlers still run at once (PEP 475's way), and
+    an exception they raise propagates out of wait()."""
+    calls: list[float] = []
+    old = signal.signal(signal.SIGALRM, lambda *a: calls.append(time.monotonic()))
+    try:
+        t0 = time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        assert poller.wait(0.5) == []  # the handler ran; the wait went on to its timeout
+        elapsed = time.monotonic() - t0
+        assert len(calls) == 1 and calls[0] - t0 < 0.4
+        assert 0.45 <= elapsed < 2
+
+        def boom(*a: object) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGALRM, boom)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            poller.wait(10)
+        assert time.monotonic() - t0 < 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_close_from_another_thread_raises_distinct_error(pipe) -> None:
     r, _ = pipe
     p = Poller()
