@@ -59,6 +59,7 @@ struct sp_poller {
     int closed;
     int waiters;
     uint32_t options;    /* SP_RETURN_ON_EINTR */
+    int remaining_ms;    /* what an interrupted wait had left */
     uint64_t fork_gen;   /* fork generation the fds belong to */
     pid_t owner_tid;     /* thread the fds' signals are aimed at */
     sigset_t sigs;       /* signals this poller blocks and reads */
@@ -815,6 +816,10 @@ int sp_poller_wait(sp_poller *p, int timeout_ms, sp_event *out, int max, uint32_
             timeout_ms = (int)left;
         }
     }
+    if (why & SP_INTERRUPTED) {
+        int64_t left = timeout_ms > 0 ? deadline - now_ms() : timeout_ms;
+        p->remaining_ms = left > 0 ? (int)left : (timeout_ms < 0 ? -1 : 0);
+    }
     if (woken)
         *woken = why;
     return leave_wait(p, rc);
@@ -848,6 +853,8 @@ void sp_poller_counters(sp_poller *p, sp_counters *out)
 }
 
 int sp_poller_signal(sp_poller *p) { return p->signo; }
+
+int sp_poller_remaining_ms(sp_poller *p) { return p->remaining_ms; }
 
 void sp_poller_set_options(sp_poller *p, uint32_t options)
 {

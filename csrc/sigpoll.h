@@ -89,6 +89,9 @@ int sp_poller_wait(sp_poller *p, int timeout_ms, sp_event *out, int max, uint32_
 
 void sp_poller_set_options(sp_poller *p, uint32_t options);
 
+/* After a wait returned SP_INTERRUPTED: milliseconds left of its timeout (-1: none). */
+int sp_poller_remaining_ms(sp_poller *p);
+
 /* Interrupt a wait from any thread (async-signal-safe). */
 int sp_poller_wake(sp_poller *p);
 

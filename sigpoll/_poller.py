@@ -9,7 +9,6 @@ import os
 import select
 import signal as _signal_module
 import stat
-import time
 import warnings
 from typing import Literal, Protocol, Union
 
@@ -264,19 +263,20 @@ class Poller:
             ms = 0
         else:
             ms = min(math.ceil(timeout * 1000), _MAX_TIMEOUT_MS)
-            deadline = time.monotonic() + timeout
         while True:
             n = lib.sp_poller_wait(self._p, ms, self._buf, self._max, self._woken)
-            if n > 0:
+            if n == 1:  # the common case, without building slices
                 ints = self._ints
-                return list(zip(ints[0 : 2 * n : 2], ints[1 : 2 * n : 2]))
+                return [(ints[0], ints[1])]
+            if n > 1:
+                it = iter(self._ints[: 2 * n].tolist())
+                return list(zip(it, it))
             if n == 0:
                 if not self._woken[0] & _INTERRUPTED:
                     return []
                 # A signal arrived: its Python handler has run by now (and may have
                 # raised, e.g. KeyboardInterrupt).  Restart with the time that is left.
-                if ms > 0:
-                    ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+                ms = lib.sp_poller_remaining_ms(self._p)
                 continue
             if n == -errno.ESHUTDOWN:
                 raise PollerClosedError("the poller was closed")

@@ -22,6 +22,7 @@ __all__ = [
     "UmlNotFound",
     "find_kernel",
     "kernel_command",
+    "kill_group",
     "modules_dir",
     "spawn_kwargs",
 ]
@@ -78,10 +79,38 @@ def kernel_command(
     ]
 
 
-def _reset_signals() -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup() -> None:
     # UML runs on SIGIO and SIGALRM; a mask inherited from a sigpoll process (which blocks
     # SIGIO and its RT signal) would freeze the guest's interrupts.
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    # If the host process dies without cleaning up (SIGKILL), take the guest with it.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def kill_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Kill a UML kernel and every host process of its guest (they share its process group),
+    and wait until the group is really empty: killed processes take a moment to go."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            break
+        if proc.poll() is None:
+            proc.wait()
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    if proc.poll() is None:
+        proc.wait()
 
 
 def spawn_kwargs(env: Mapping[str, str] | None = None, tmpdir: str | None = None) -> dict[str, Any]:
@@ -94,7 +123,7 @@ def spawn_kwargs(env: Mapping[str, str] | None = None, tmpdir: str | None = None
     if tmpdir is not None:
         child_env["TMPDIR"] = tmpdir
     return {
-        "preexec_fn": _reset_signals,
+        "preexec_fn": _child_setup,
         "start_new_session": True,
         "env": child_env,
         "stderr": subprocess.DEVNULL,

@@ -111,9 +111,18 @@ class Bridge:
         if not self.done.done():
             self.done.set_result(reason)
 
-    async def run(self, console_fd: int, *, close_console: bool) -> str:
+    async def run(self, console: int | stty.ConsoleTransport, *, close_console: bool) -> str:
+        """Join the terminal (fds 0 and 1) with ``console``: an fd, or a transport already
+        open on one (it is taken over, and left open unless ``close_console``)."""
         await stty.connect_console(lambda: self.terminal, 0, 1, close_fds=False)
-        await stty.connect_console(lambda: self.console, console_fd, close_fds=close_console)
+        if isinstance(console, stty.ConsoleTransport):
+            console.set_protocol(self.console)
+            self.console.connection_made(console)
+            console.resume_reading()
+            console_fd = int(console.get_extra_info("write_fd"))
+        else:
+            console_fd = console
+            await stty.connect_console(lambda: self.console, console_fd, close_fds=close_console)
         with contextlib.suppress(OSError):
             rows, cols = stty.get_winsize(0)
             if rows and cols:
@@ -128,9 +137,13 @@ class Bridge:
         finally:
             if stop_resize is not None:
                 stop_resize()
-            for side in (self.terminal, self.console):
-                if side.transport is not None:
-                    side.transport.close()
+            if self.terminal.transport is not None:
+                self.terminal.transport.close()
+            if self.console.transport is not None:
+                if close_console or not isinstance(console, stty.ConsoleTransport):
+                    self.console.transport.close()
+                else:
+                    console.pause_reading()  # handed back to its owner, quiet
             await asyncio.sleep(0)  # let the transports restore their fds' flags
 
 

@@ -77,9 +77,7 @@ def test_uml_console_carries_every_byte_of_xxd(run: Any, tmp_path: Any) -> None:
             assert await asyncio.to_thread(proc.wait, 60) == 0
         finally:
             nudger.stop()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _uml.kill_group(proc)
             writer.close()
 
     run(main(), timeout=240)

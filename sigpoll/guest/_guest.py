@@ -1,0 +1,275 @@
+"""A User-Mode Linux guest whose console is a sigpoll console."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .. import _uml
+from .. import tty as stty
+from ._init_script import command_line, init_script, interactive_line
+
+__all__ = ["BootError", "CommandResult", "Guest", "GuestError"]
+
+
+class GuestError(RuntimeError):
+    """The guest could not do what was asked (it is not running, or it died)."""
+
+
+class BootError(GuestError):
+    """The guest did not come up: UML is missing, or the kernel refused to boot."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    """What a command run in the guest returned."""
+
+    status: int
+    output: bytes
+
+
+StatusCallback = Callable[[str], None]
+
+
+class Guest:
+    """A User-Mode Linux guest on the host's root file system, its console on a sigpoll pty.
+
+    Use it as ``async with Guest() as g: result = await g.run("uname -a")``.  Everything the
+    guest leaves on the host (its processes, its pty, its memory file and init script in a
+    private temporary directory) is removed on every exit path, exceptions and cancellation
+    included.
+    """
+
+    def __init__(
+        self,
+        *,
+        kernel: str | None = None,
+        mem: str = "256M",
+        read_only: bool = True,
+        setup: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        boot_timeout: float = 60.0,
+        status: StatusCallback | None = None,
+    ) -> None:
+        self.kernel = kernel
+        self.mem = mem
+        self.read_only = read_only
+        self.setup = list(setup)
+        self.extra_args = list(extra_args)
+        self.boot_timeout = boot_timeout
+        self._status = status or (lambda message: None)
+        self._token = secrets.token_hex(8)
+        self._tmp: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._transport: stty.ConsoleTransport | None = None
+        self._nudger: _uml.SigioNudger | None = None
+        self._boot_log = b""
+        self._lock = asyncio.Lock()
+        self.boot_seconds: float | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The UML kernel's host process id while the guest runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def tmpdir(self) -> str | None:
+        """The private directory holding the guest's memory file and init script."""
+        return self._tmp
+
+    async def start(self) -> None:
+        """Boot the guest and wait until its init is ready for commands."""
+        if self._proc is not None:
+            raise GuestError("the guest is already running")
+        try:
+            kernel = _uml.find_kernel(self.kernel)
+        except _uml.UmlNotFound as exc:
+            raise BootError(str(exc)) from None
+        try:
+            await self._boot(kernel)
+        except BaseException:
+            await self._cleanup()
+            raise
+
+    async def _boot(self, kernel: str) -> None:
+        self._tmp = tempfile.mkdtemp(prefix="sigpoll-guest-")
+        init = os.path.join(self._tmp, "init.sh")
+        with open(init, "w") as f:
+            f.write(init_script(self._token, read_only=self.read_only, setup=self.setup))
+        os.chmod(init, 0o755)
+        master, path = stty.open_pty()
+        slave = os.open(path, os.O_RDWR | os.O_NOCTTY)
+        argv = _uml.kernel_command(
+            init, kernel=kernel, mem=self.mem, read_only=self.read_only, extra=self.extra_args
+        )
+        self._status(f"booting {kernel} ({self.mem}, console {path})")
+        t0 = time.monotonic()
+        try:
+            self._proc = subprocess.Popen(
+                argv, stdin=slave, stdout=slave, close_fds=True, **_uml.spawn_kwargs(tmpdir=self._tmp)
+            )
+        except OSError as exc:
+            os.close(master)
+            raise BootError(f"cannot start {kernel}: {exc.strerror}") from None
+        finally:
+            os.close(slave)
+        # Large enough to hold a whole boot log or command output while we look for markers.
+        self._reader, self._writer = await stty.open_console(master, limit=1 << 26)
+        transport = self._writer.transport
+        assert isinstance(transport, stty.ConsoleTransport)
+        self._transport = transport
+        self._nudger = _uml.SigioNudger(
+            asyncio.get_running_loop(),
+            self._proc.pid,
+            lambda: transport.bytes_read + transport.bytes_written,
+        )
+        self._nudger.start()
+        ready = f"@@{self._token}:READY@@\n".encode()
+        try:
+            self._boot_log = await asyncio.wait_for(self._reader.readuntil(ready), self.boot_timeout)
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            partial = exc.partial if isinstance(exc, asyncio.IncompleteReadError) else b""
+            code = self._proc.poll()
+            tail = partial.decode(errors="replace").strip().splitlines()[-8:]
+            why = f"exited with status {code}" if code is not None else f"not ready after {self.boot_timeout:g}s"
+            raise BootError(f"the guest kernel {why}" + ("; last lines:\n  " + "\n  ".join(tail) if tail else "")) from None
+        self.boot_seconds = time.monotonic() - t0
+        self._status(f"guest up in {self.boot_seconds:.1f}s")
+
+    async def stop(self, timeout: float = 20.0) -> int | None:
+        """Power the guest off (forcefully after ``timeout``) and clean up.  Idempotent."""
+        code = None
+        if self._proc is not None and self._proc.poll() is None and self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.write(b"echo o > /proc/sysrq-trigger\n")
+            with contextlib.suppress(asyncio.TimeoutError):
+                code = await asyncio.wait_for(asyncio.to_thread(self._proc.wait), timeout)
+        await self._cleanup()
+        return code
+
+    async def _cleanup(self) -> None:
+        if self._nudger is not None:
+            self._nudger.stop()
+            self._nudger = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            # UML runs its guest processes as host children in its process group: take them
+            # all, whether the kernel already exited or not.
+            await asyncio.to_thread(_uml.kill_group, proc)
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._writer.wait_closed(), 5)
+            self._writer = self._reader = None
+            self._transport = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    async def __aenter__(self) -> Guest:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- commands ------------------------------------------------------------------------
+
+    def _require_running(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._reader is None or self._writer is None or self._proc is None:
+            raise GuestError("the guest is not running")
+        return self._reader, self._writer
+
+    async def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        output: Callable[[bytes], Any] | None = None,
+        timeout: float | None = None,
+    ) -> CommandResult:
+        """Run a command in the guest; return its exit status and output (stdout+stderr).
+
+        ``output`` is called with each piece of output as it arrives (then the result's
+        ``output`` is empty, so gigabytes can stream through).  A string is run by the
+        guest's shell; a list is quoted first.
+        """
+        async with self._lock:
+            reader, writer = self._require_running()
+            writer.write(command_line(self._token, command))
+            marker = f"@@{self._token}:EXIT:".encode()
+            collected = bytearray()
+            pending = b""
+
+            async def collect() -> int:
+                nonlocal pending
+                while True:
+                    data = await reader.read(1 << 16)
+                    if not data:
+                        raise GuestError("the guest's console closed while a command ran")
+                    pending += data
+                    at = pending.find(marker)
+                    if at >= 0:
+                        end = pending.find(b"@@\n", at + len(marker))
+                        if end < 0:
+                            continue  # the status has not fully arrived
+                        emit(pending[:at])
+                        # Nothing follows the marker: the quiet shell waits for the next
+                        # command line, and the console does not echo.
+                        return int(pending[at + len(marker) : end])
+                    # Hold back a tail that could be the start of a split marker.
+                    keep = len(marker) - 1
+                    if len(pending) > keep:
+                        emit(pending[:-keep])
+                        pending = pending[-keep:]
+
+            def emit(chunk: bytes) -> None:
+                if not chunk:
+                    return
+                if output is not None:
+                    output(chunk)
+                else:
+                    collected.extend(chunk)
+
+            status = await asyncio.wait_for(collect(), timeout)
+            return CommandResult(status, bytes(collected))
+
+    async def interact(self, escape: int = 0x1D) -> str:
+        """Attach the user's terminal to an interactive shell in the guest.
+
+        Returns why it ended: ``"detached"`` (the escape key; the guest keeps running until
+        :meth:`stop`) or the console closing (the shell exited and the guest powered off).
+        """
+        from ..console import Bridge
+
+        _, writer = self._require_running()
+        rows = cols = None
+        with contextlib.suppress(OSError):
+            rows, cols = stty.get_winsize(0)
+        writer.write(interactive_line(rows, cols))
+        await writer.drain()
+        transport = self._transport
+        assert transport is not None
+        own_protocol = transport.get_protocol()
+        try:
+            with stty.raw_mode(0):
+                return await Bridge(escape).run(transport, close_console=False)
+        finally:
+            # Hand the console back, so our stream sees its end (or its next output).
+            transport.set_protocol(own_protocol)
+            if transport.is_closing():
+                own_protocol.connection_lost(None)
+            else:
+                transport.resume_reading()

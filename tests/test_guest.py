@@ -1,0 +1,129 @@
+"""The guest runtime against a real User-Mode Linux kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from sigpoll import _uml
+from sigpoll.guest import BootError, Guest
+from sigpoll.stress import xxd
+
+try:
+    _uml.find_kernel()
+except _uml.UmlNotFound as exc:  # pragma: no cover - on these machines UML is installed
+    pytestmark = pytest.mark.skip(reason=str(exc))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_cli_runs_one_command_and_exits_with_its_status() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "sigpoll.guest", "run", "--", "uname", "-a"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Linux ") and " 6.1." in out.stdout
+    assert "guest up in" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "sigpoll.guest", "run", "-q", "--", "sh", "-c", "echo a; exit 5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert (out.returncode, out.stdout, out.stderr) == (5, "a\n", "")
+
+
+def test_cli_reports_a_missing_kernel_with_the_install_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "sigpoll.guest", "run", "--kernel", "/nonexistent/linux", "--", "true"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 1
+    assert "apt-get install -y user-mode-linux" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_kernel_that_refuses_to_boot_is_a_clear_error(run: Any, tmp_path: Any) -> None:
+    fake = tmp_path / "linux"
+    fake.write_text("#!/bin/sh\necho 'Kernel panic - not syncing: no root'\nexit 3\n")
+    fake.chmod(0o755)
+
+    async def main() -> None:
+        with pytest.raises(BootError, match=r"(?s)exited with status 3.*Kernel panic"):
+            async with Guest(kernel=str(fake), boot_timeout=20):
+                pass
+
+    run(main())
+
+
+def test_api_runs_commands_and_cleans_up_everything(run: Any) -> None:
+    async def main() -> tuple[int, str]:
+        g = Guest()
+        async with g:
+            pid, tmp = g.pid, g.tmpdir
+            assert pid is not None and tmp is not None and os.path.isdir(tmp)
+            r1 = await g.run("echo hello; echo oops >&2; exit 4")
+            assert (r1.status, r1.output) == (4, b"hello\noops\n")
+            r2 = await g.run(["printf", "%s|", "a b", "c'd"])
+            assert (r2.status, r2.output) == (0, b"a b|c'd|")
+            r3 = await g.run("cat /proc/self/status | grep -c ^Pid")
+            assert r3.output == b"1\n"
+        return pid, tmp
+
+    pid, tmp = run(main(), timeout=180)
+    assert not _alive(pid), "a process of the guest survived"
+    assert not os.path.exists(tmp), "the guest's temporary directory survived"
+
+
+def test_cancellation_cleans_up(run: Any) -> None:
+    async def main() -> tuple[int, str]:
+        g = Guest()
+        await g.start()
+        pid, tmp = g.pid, g.tmpdir
+        task = asyncio.ensure_future(g.run("sleep 100"))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await g.stop(timeout=5)
+        assert pid is not None and tmp is not None
+        return pid, tmp
+
+    pid, tmp = run(main(), timeout=120)
+    assert not _alive(pid) and not os.path.exists(tmp)
+
+
+@pytest.mark.timeout(700)
+def test_xxd_of_64_mib_over_the_console(run: Any) -> None:
+    size = 64 * 1024 * 1024
+    expected = hashlib.sha256()
+    for offset in range(0, size, 1 << 20):
+        expected.update(xxd.format_lines(bytes(1 << 20), offset))
+
+    async def main() -> tuple[int, int, str]:
+        got = hashlib.sha256()
+        count = 0
+
+        def take(chunk: bytes) -> None:
+            nonlocal count
+            count += len(chunk)
+            got.update(chunk)
+
+        async with Guest() as g:
+            result = await g.run(f"head -c {size} /dev/zero | xxd", output=take, timeout=600)
+        return result.status, count, got.hexdigest()
+
+    status, count, digest = run(main(), timeout=700)
+    assert status == 0
+    assert count == size // 16 * 68
+    assert digest == expected.hexdigest()
