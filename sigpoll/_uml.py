@@ -9,6 +9,7 @@ physical memory in a file under TMPDIR.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -93,24 +94,60 @@ def _child_setup() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
+def _descendants(pid: int) -> set[int]:
+    """Every live descendant of ``pid``, from /proc (taken before anything is killed:
+    orphans are reparented and the link is lost)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: ppid follows the last ')'.
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
 def kill_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """Kill a UML kernel and every host process of its guest (they share its process group),
-    and wait until the group is really empty: killed processes take a moment to go."""
+    """Kill a UML kernel and every host process of its guest, and wait until they are gone.
+
+    Its guest processes share its process group, but one helper (the one that watches the
+    console for SIGWINCH) makes a session of its own, so the kernel's descendants are
+    collected from /proc as well.
+    """
     import time
 
     deadline = time.monotonic() + timeout
     while True:
+        targets = _descendants(proc.pid)
+        if proc.poll() is None:
+            targets.add(proc.pid)
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
+            group_alive = True
         except (ProcessLookupError, PermissionError):
-            break
+            group_alive = False
         if proc.poll() is None:
             proc.wait()
+        if not group_alive and not targets:
+            break
         if time.monotonic() > deadline:
             break
         time.sleep(0.02)
-    if proc.poll() is None:
-        proc.wait()
 
 
 def spawn_kwargs(env: Mapping[str, str] | None = None, tmpdir: str | None = None) -> dict[str, Any]:
