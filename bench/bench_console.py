@@ -123,17 +123,22 @@ def _run_on_loop(make_loop: Callable[[], asyncio.AbstractEventLoop], coro_fn: Ca
     return elapsed
 
 
-async def _console_writer(fd: int, nbytes: int) -> None:
-    from sigpoll import tty as stty
-
-    # The pty's fd stays ours (close_fds=False) so the reader sees EOF only when we close.
-    _, writer = await stty.open_console(fd, close_fds=False)
+async def _write_all(writer: asyncio.StreamWriter, nbytes: int) -> None:
+    """The same workload for every contender: 64 KiB writes, each followed by drain()."""
     data = bytes(range(256)) * (CHUNK // 256)
     left = nbytes
     while left > 0:
         writer.write(data[: min(left, CHUNK)])
         left -= min(left, CHUNK)
         await writer.drain()
+
+
+async def _console_writer(fd: int, nbytes: int) -> None:
+    from sigpoll import tty as stty
+
+    # The pty's fd stays ours (close_fds=False) so the reader sees EOF only when we close.
+    _, writer = await stty.open_console(fd, close_fds=False)
+    await _write_all(writer, nbytes)
     writer.close()
     await writer.wait_closed()
 
@@ -142,13 +147,7 @@ async def _pipe_writer(fd: int, nbytes: int) -> None:
     loop = asyncio.get_running_loop()
     f = os.fdopen(os.dup(fd), "wb", buffering=0)
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, f)
-    writer = asyncio.StreamWriter(transport, protocol, None, loop)
-    data = bytes(range(256)) * (CHUNK // 256)
-    left = nbytes
-    while left > 0:
-        writer.write(data[: min(left, CHUNK)])
-        left -= min(left, CHUNK)
-        await writer.drain()
+    await _write_all(asyncio.StreamWriter(transport, protocol, None, loop), nbytes)
     transport.close()
     await asyncio.sleep(0)
 

@@ -275,6 +275,20 @@ static int enter(sp_poller *p)
     return 0;
 }
 
+/* Enter and find fd's registration: returns with the lock held, or an error without it. */
+static int enter_registered(sp_poller *p, int fd, reg **out)
+{
+    int rc = enter(p);
+    if (rc < 0)
+        return rc;
+    *out = lookup(p, fd);
+    if (!*out) {
+        pthread_mutex_unlock(&p->lock);
+        return -ENOENT;
+    }
+    return 0;
+}
+
 /* ---- lifecycle ----------------------------------------------------------------------------- */
 
 int sp_poller_new(int signo, int mode, int max_events, sp_poller **out)
@@ -455,14 +469,10 @@ out:
 
 int sp_poller_modify(sp_poller *p, int fd, uint32_t events, uint32_t flags)
 {
-    int rc = enter(p);
+    reg *r;
+    int rc = enter_registered(p, fd, &r);
     if (rc < 0)
         return rc;
-    reg *r = lookup(p, fd);
-    if (!r) {
-        rc = -ENOENT;
-        goto out;
-    }
     if (p->mode == SP_MODE_NAIVE)
         flags = SP_EDGE;
     /* The signal setting is fixed at registration; only events and edge change. */
@@ -481,14 +491,10 @@ out:
 
 int sp_poller_unregister(sp_poller *p, int fd)
 {
-    int rc = enter(p);
+    reg *r;
+    int rc = enter_registered(p, fd, &r);
     if (rc < 0)
         return rc;
-    reg *r = lookup(p, fd);
-    if (!r) {
-        rc = -ENOENT;
-        goto out;
-    }
     /* EBADF here means the caller closed the fd first: epoll already forgot it. */
     epoll_ctl(p->epfd, EPOLL_CTL_DEL, fd, NULL);
     if (owns_flags(p, r))
@@ -503,7 +509,6 @@ int sp_poller_unregister(sp_poller *p, int fd)
     }
     r->used = 0;
     p->nregistered--;
-out:
     pthread_mutex_unlock(&p->lock);
     return rc;
 }
