@@ -143,7 +143,7 @@ class Poller:
             raise OSError(-rc, f"cannot create poller: {os.strerror(-rc)}")
         self._p = ffi.gc(out[0], lib.sp_poller_free)
         self._mode = mode
-        self._signal = lib.sp_poller_signal(self._p)
+        self._signal: int = int(lib.sp_poller_signal(self._p))
         self._max = max_events
         self._buf = ffi.new("sp_event[]", max_events)
         # One view of the event buffer as flat (fd, events) pairs: wait() slices it into
@@ -178,7 +178,7 @@ class Poller:
 
     @property
     def closed(self) -> bool:
-        return lib.sp_poller_fileno(self._p) < 0
+        return bool(lib.sp_poller_fileno(self._p) < 0)
 
     @property
     def counters(self) -> Counters:
@@ -195,10 +195,10 @@ class Poller:
         fd = lib.sp_poller_fileno(self._p)
         if fd < 0:
             raise PollerClosedError("the poller is closed")
-        return fd
+        return int(fd)
 
     def __len__(self) -> int:
-        return lib.sp_poller_count(self._p)
+        return int(lib.sp_poller_count(self._p))
 
     def __contains__(self, fileobj: FileLike) -> bool:
         return bool(lib.sp_poller_lookup(self._p, _fd_of(fileobj), ffi.NULL, ffi.NULL))

@@ -248,6 +248,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: parse ``argv``, attach or run, and return the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -123,8 +123,8 @@ def raw_mode(fd: int) -> Iterator[None]:
         _restore(fd, saved, flags)
         _saved_modes.pop(fd, None)
         if not _saved_modes and _is_main_thread():
-            for signum, previous in list(_previous_handlers.items()):
-                signal.signal(signum, previous)
+            for number, previous in list(_previous_handlers.items()):
+                signal.signal(number, previous)
             _previous_handlers.clear()
 
 
@@ -148,7 +148,11 @@ def watch_resize(
             callback(*get_winsize(fd))
 
     loop.add_signal_handler(signal.SIGWINCH, on_winch)
-    return lambda: loop.remove_signal_handler(signal.SIGWINCH)
+
+    def stop() -> None:
+        loop.remove_signal_handler(signal.SIGWINCH)
+
+    return stop
 
 
 # -- ptys -----------------------------------------------------------------------------------
@@ -287,6 +291,11 @@ class ConsoleTransport(asyncio.Transport):
         close_fds: bool = True,
         extra: dict[str, Any] | None = None,
     ) -> None:
+        extra = dict(extra or {})
+        extra.setdefault("read_fd", read_fd)
+        extra.setdefault("write_fd", read_fd if write_fd is None else write_fd)
+        with contextlib.suppress(OSError):
+            extra.setdefault("ttyname", os.ttyname(read_fd))
         super().__init__(extra)
         self._loop = loop
         self._protocol = protocol
@@ -308,10 +317,6 @@ class ConsoleTransport(asyncio.Transport):
         self._saved_flags = {fd: fcntl.fcntl(fd, fcntl.F_GETFL) for fd in {self._rfd, self._wfd}}
         for fd in {self._rfd, self._wfd}:
             os.set_blocking(fd, False)
-        self._extra.setdefault("read_fd", self._rfd)
-        self._extra.setdefault("write_fd", self._wfd)
-        with contextlib.suppress(OSError):
-            self._extra.setdefault("ttyname", os.ttyname(self._rfd))
         loop.call_soon(protocol.connection_made, self)
         loop.call_soon(self._start_reading)
 
@@ -346,7 +351,7 @@ class ConsoleTransport(asyncio.Transport):
     def _hang_up(self) -> None:
         keep_open = False
         with contextlib.suppress(AttributeError):
-            keep_open = bool(self._protocol.eof_received())  # type: ignore[attr-defined]
+            keep_open = bool(self._protocol.eof_received())
         if keep_open:
             _unwatch(self._loop, self._rfd, False)
             self._reading = False
@@ -492,7 +497,7 @@ class ConsoleTransport(asyncio.Transport):
     def abort(self) -> None:
         self._force_close(None)
 
-    def _fatal(self, exc: BaseException) -> None:
+    def _fatal(self, exc: Exception) -> None:
         if self._loop.get_debug():
             self._loop.call_exception_handler(
                 {"message": "fatal error on console transport", "exception": exc,
@@ -500,7 +505,7 @@ class ConsoleTransport(asyncio.Transport):
             )
         self._force_close(exc)
 
-    def _force_close(self, exc: BaseException | None) -> None:
+    def _force_close(self, exc: Exception | None) -> None:
         if self._lost:
             return
         self._lost = True
@@ -515,7 +520,7 @@ class ConsoleTransport(asyncio.Transport):
         self._buffered = 0
         self._loop.call_soon(self._finish, exc)
 
-    def _finish(self, exc: BaseException | None) -> None:
+    def _finish(self, exc: Exception | None) -> None:
         try:
             self._protocol.connection_lost(exc)
         finally:
