@@ -1,0 +1,181 @@
+"""9P2000.L: our server against diod, with the same client (ours), in one run.
+
+    python bench/bench_ninep.py [--mib 64] [--ops 2000] [--rounds 3] [--quick] [--json]
+
+Both servers run as separate processes on loopback TCP (ours via
+``python -m sigpoll.ninep serve``, diod via ``diod -f -n -S -U root``) exporting the same
+temporary directory, so neither competes with the client for this process's GIL.  Both
+are asked for msize 65536 (diod's largest), so every Tread/Twrite carries the same
+payload.  Workloads, each run ``--rounds`` times with the servers interleaved (median
+reported):
+
+- ``read``: one file of ``--mib`` MiB read front to back, 8 Treads in flight.
+- ``write``: the same amount written to a new file, 8 Twrites in flight.
+- ``small ops``: ``--ops`` rounds of Twalk + Tgetattr + Tclunk on a file two levels deep,
+  one round at a time (latency-bound), and the same with 16 rounds in flight.
+
+The table ends with ratios ours / diod (above 1: ours is faster).  Nothing is asserted;
+the exit status is 0 unless the benchmark itself breaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from sigpoll.ninep import Client
+from sigpoll.ninep import _codec as c
+from sigpoll.ninep._testing import DiodProcess, find_diod_tool, free_port
+
+MSIZE = 65536
+
+
+class OurServer:
+    def __init__(self, export: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sigpoll.ninep", "serve", export, "-q",
+             "--listen", f"127.0.0.1:{self.port}"])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("our server did not start") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+async def _read(cl: Client, size: int) -> float:
+    fid = await cl.walk("big")
+    await cl.rpc(c.Tlopen(fid, 0))
+    chunk = cl.msize - 24
+    offsets = list(range(0, size, chunk))
+    t0 = time.perf_counter()
+    got = 0
+    sem = asyncio.Semaphore(8)
+
+    async def one(off: int) -> int:
+        async with sem:
+            return len((await cl.rpc(c.Tread(fid, off, chunk))).data)
+
+    got = sum(await asyncio.gather(*(one(o) for o in offsets)))
+    dt = time.perf_counter() - t0
+    await cl.clunk(fid)
+    assert got == size, (got, size)
+    return size / dt / 1e6
+
+
+async def _write(cl: Client, size: int, name: str) -> float:
+    d = await cl.walk("")
+    await cl.rpc(c.Tlcreate(d, name, 1 | 0o100 | 0o1000, 0o644, 0))
+    chunk = cl.msize - 24
+    payload = os.urandom(chunk)
+    sem = asyncio.Semaphore(8)
+
+    async def one(off: int) -> int:
+        async with sem:
+            n = min(chunk, size - off)
+            return (await cl.rpc(c.Twrite(d, off, payload[:n]))).count
+
+    t0 = time.perf_counter()
+    done = sum(await asyncio.gather(*(one(o) for o in range(0, size, chunk))))
+    dt = time.perf_counter() - t0
+    await cl.clunk(d)
+    assert done == size
+    return size / dt / 1e6
+
+
+async def _small(cl: Client, ops: int, inflight: int) -> float:
+    sem = asyncio.Semaphore(inflight)
+
+    async def one() -> None:
+        async with sem:
+            fid = await cl.walk(["sub", "deep", "f"])
+            await cl.rpc(c.Tgetattr(fid, c.GETATTR_BASIC))
+            await cl.clunk(fid)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(ops)))
+    return ops / (time.perf_counter() - t0)
+
+
+async def _measure(port: int, export: str, args: argparse.Namespace, tag: str) -> dict[str, float]:
+    cl = await Client.connect_tcp("127.0.0.1", port, aname=export, msize=MSIZE)
+    size = args.mib * 1024 * 1024
+    out = {
+        "read_MBps": await _read(cl, size),
+        "write_MBps": await _write(cl, size, f"w-{tag}"),
+        "small_ops_per_s": await _small(cl, args.ops, 1),
+        "small_ops_16_per_s": await _small(cl, args.ops, 16),
+    }
+    await cl.close()
+    os.unlink(os.path.join(export, f"w-{tag}"))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--ops", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.mib, args.ops, args.rounds = 8, 300, 1
+    if find_diod_tool("diod") is None:
+        print("diod is not installed (apt-get install diod)", file=sys.stderr)
+        return 1
+    export = tempfile.mkdtemp(prefix="bench9p-")
+    try:
+        with open(os.path.join(export, "big"), "wb") as f:
+            f.write(os.urandom(args.mib * 1024 * 1024))
+        os.makedirs(os.path.join(export, "sub", "deep"))
+        open(os.path.join(export, "sub", "deep", "f"), "wb").close()
+        ours = OurServer(export)
+        diod = DiodProcess(export)
+        results: dict[str, list[dict[str, float]]] = {"ours": [], "diod": []}
+        try:
+            for r in range(args.rounds):
+                order = [("ours", ours.port), ("diod", diod.port)]
+                if r % 2:
+                    order.reverse()
+                for name, port in order:
+                    results[name].append(asyncio.run(_measure(port, export, args, name)))
+        finally:
+            ours.stop()
+            diod.stop()
+    finally:
+        shutil.rmtree(export, ignore_errors=True)
+    med = {name: {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+           for name, runs in results.items()}
+    ratios = {k: med["ours"][k] / med["diod"][k] for k in med["ours"]}
+    if args.json:
+        print(json.dumps({"median": med, "ratio_ours_over_diod": ratios,
+                          "mib": args.mib, "ops": args.ops, "rounds": args.rounds}))
+        return 0
+    print(f"9P2000.L over loopback TCP, msize {MSIZE}, {args.mib} MiB, {args.ops} ops, "
+          f"median of {args.rounds}")
+    print(f"{'metric':<22}{'ours':>12}{'diod':>12}{'ours/diod':>12}")
+    for k in med["ours"]:
+        print(f"{k:<22}{med['ours'][k]:>12.1f}{med['diod'][k]:>12.1f}{ratios[k]:>12.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,545 @@
+"""9P2000.L client for asyncio, callable from other threads too.
+
+Flush rules the client keeps (flush(5), and Linux's client does the same):
+
+* Cancelling a task that waits on a request sends a Tflush for the request's tag and then
+  waits -- ignoring further cancellation -- for the Rflush.
+* The flushed tag is not reused until the Rflush has arrived: a late reply under a reused
+  tag would otherwise be taken as the answer to a new request.
+* A reply that arrives before the Rflush is the real outcome (the server did the work),
+  so it is returned to the cancelled caller instead of CancelledError; only when the
+  server dropped the request does the caller see CancelledError.
+
+Replies are handed from the loop thread to waiters on any thread through :class:`_Slot`:
+the reply is stored first and only then is the ``threading.Event`` set (the same order
+as Linux's ``p9_client_cb``: payload, barrier, status), so a waiter that sees the
+event set always sees the payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat as stat_mod
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from . import _codec as c
+from ._codec import Message, Qid
+
+__all__ = ["Client", "File", "NinepError", "Stat"]
+
+_DOTL_WRONLY, _DOTL_RDWR = 1, 2
+_DOTL_CREATE, _DOTL_TRUNC, _DOTL_APPEND, _DOTL_EXCL = 0o100, 0o1000, 0o2000, 0o200
+
+
+class NinepError(OSError):
+    """An Rlerror from the server (``errno`` is the Linux errno it carried)."""
+
+
+@dataclass(frozen=True)
+class Stat:
+    """The useful part of an Rgetattr."""
+
+    qid: Qid
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    mtime_ns: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat_mod.S_ISDIR(self.mode)
+
+
+class _Slot:
+    """One outstanding request.  ``reply``/``error`` are written before ``event`` is set."""
+
+    __slots__ = ("tag", "request", "reply", "error", "event", "future", "flushing")
+
+    def __init__(self, tag: int, request: Message) -> None:
+        self.tag = tag
+        self.request = request
+        self.reply: Message | None = None
+        self.error: BaseException | None = None
+        self.event = threading.Event()
+        self.future: asyncio.Future[None] | None = None
+        self.flushing = False
+
+    def publish(self, reply: Message | None, error: BaseException | None = None) -> None:
+        # Payload first, then the status (the Event, whose lock orders the two for any
+        # thread that waits on it), then wake an asyncio waiter.
+        self.reply = reply
+        self.error = error
+        self.event.set()
+        fut = self.future
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def result(self) -> Message:
+        if not self.event.is_set():
+            raise RuntimeError("reply read before it was published")
+        if self.error is not None:
+            raise self.error
+        reply = self.reply
+        assert reply is not None
+        if reply.TYPE == 7:
+            raise NinepError(reply.ecode, os.strerror(reply.ecode))
+        if reply.TYPE != self.request.TYPE + 1:
+            raise c.ProtocolError(
+                f"{type(reply).__name__} in answer to {type(self.request).__name__}"
+            )
+        return reply
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.client._data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._lost(exc)
+
+
+class Client:
+    """A 9P2000.L session.  Create with :meth:`connect_tcp`, :meth:`connect_unix` or
+    :meth:`connect_fds`; all coroutine methods run on the loop it was created on, and
+    :meth:`rpc_blocking` may be called from any other thread.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, msize: int) -> None:
+        self._loop = loop
+        self._transport: asyncio.WriteTransport | None = None
+        self._writer: asyncio.WriteTransport | None = None
+        self._frames = c.FrameBuffer(msize)
+        self._lock = threading.Lock()
+        self._slots: dict[int, _Slot] = {}
+        self._free_tags = list(range(0xFFFE, -1, -1))
+        self._next_fid = 1
+        self._free_fids: list[int] = []
+        self._closed_exc: BaseException | None = None
+        self._loop_thread = threading.get_ident()
+        self.msize = msize
+        self.root_fid = 0
+        self.root_qid: Qid | None = None
+
+    # ------------------------------------------------------------------ connecting
+
+    @classmethod
+    async def connect_tcp(cls, host: str, port: int, **kw: Any) -> Client:
+        """Connect over TCP and attach (keywords as for :meth:`_handshake`)."""
+        loop = asyncio.get_running_loop()
+        self = cls(loop, kw.get("msize", 512 * 1024))
+        await loop.create_connection(lambda: _Protocol(self), host, port)
+        await self._start(**kw)
+        return self
+
+    @classmethod
+    async def connect_unix(cls, path: str, **kw: Any) -> Client:
+        loop = asyncio.get_running_loop()
+        self = cls(loop, kw.get("msize", 512 * 1024))
+        await loop.create_unix_connection(lambda: _Protocol(self), path)
+        await self._start(**kw)
+        return self
+
+    @classmethod
+    async def connect_fds(cls, rfd: int, wfd: int | None = None, **kw: Any) -> Client:
+        """Use a connected socket fd, or a read and a write fd (duplicated)."""
+        import socket
+
+        loop = asyncio.get_running_loop()
+        self = cls(loop, kw.get("msize", 512 * 1024))
+        if wfd is None or wfd == rfd:
+            sock = socket.socket(fileno=os.dup(rfd))
+            sock.setblocking(False)
+            await loop.connect_accepted_socket(lambda: _Protocol(self), sock)
+        else:
+            w = os.fdopen(os.dup(wfd), "wb", buffering=0)
+            r = os.fdopen(os.dup(rfd), "rb", buffering=0)
+            wt, _ = await loop.connect_write_pipe(asyncio.Protocol, w)
+            self._writer = wt
+            await loop.connect_read_pipe(lambda: _Protocol(self), r)
+        await self._start(**kw)
+        return self
+
+    async def _start(self, **kw: Any) -> None:
+        try:
+            await self._handshake(**kw)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _handshake(self, *, msize: int = 512 * 1024, aname: str = "",
+                         uname: str = "root", n_uname: int = 0, attach: bool = True) -> None:
+        rv = await self.rpc(c.Tversion(msize, c.VERSION_9P2000L), tag=c.NOTAG)
+        if rv.version != c.VERSION_9P2000L:
+            raise c.ProtocolError(f"server speaks {rv.version!r}, not 9P2000.L")
+        self.msize = min(msize, rv.msize)
+        self._frames.max_size = max(self.msize, 4096)
+        if attach:
+            ra = await self.rpc(c.Tattach(self.root_fid, c.NOFID, uname, aname, n_uname))
+            self.root_qid = ra.qid
+
+    async def close(self) -> None:
+        """Clunk the root fid, close the connection (pending requests then fail with
+        ConnectionError)."""
+        if self.root_qid is not None and self._closed_exc is None:
+            self.root_qid = None
+            try:
+                await asyncio.wait_for(self.rpc(c.Tclunk(self.root_fid)), 2)
+            except (OSError, asyncio.TimeoutError, c.ProtocolError):
+                pass
+        t = self._transport
+        if t is not None:
+            t.close()
+        if self._writer is not None:
+            self._writer.close()
+        await asyncio.sleep(0)
+        self._lost(None)
+
+    # ------------------------------------------------------------------ wire
+
+    def _data(self, data: bytes) -> None:
+        try:
+            frames = self._frames.feed(data)
+        except c.FramingError as exc:
+            for frame in exc.frames:
+                self._reply_frame(frame)
+            self._lost(exc)
+            if self._transport is not None:
+                self._transport.abort()  # type: ignore[attr-defined]
+            return
+        for frame in frames:
+            self._reply_frame(frame)
+
+    def _reply_frame(self, frame: bytes) -> None:
+        try:
+            msg: Message | None = c.decode(frame)
+            err: BaseException | None = None
+            tag = msg.tag  # type: ignore[union-attr]
+        except c.MessageError as exc:
+            msg, err, tag = None, exc, exc.tag if exc.tag is not None else -1
+        with self._lock:
+            slot = self._slots.get(tag)
+        if slot is None or slot.event.is_set():
+            return  # a reply nobody waits for (a server bug): ignore it
+        slot.publish(msg, err)
+        if msg is not None and msg.TYPE == 109:
+            # Rflush: the flushed request's tag may be reused from now on.
+            target = slot.request.oldtag
+            with self._lock:
+                tslot = self._slots.get(target)
+                if tslot is not None and tslot.flushing:
+                    self._release(tslot)
+                self._release(slot)
+            return
+        if not slot.flushing:
+            with self._lock:
+                self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        # Called with self._lock held.
+        if self._slots.get(slot.tag) is slot:
+            del self._slots[slot.tag]
+            if slot.tag != c.NOTAG:
+                self._free_tags.append(slot.tag)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        with self._lock:
+            if self._closed_exc is None:
+                self._closed_exc = ConnectionError(f"9P connection closed: {exc or 'EOF'}")
+            slots = list(self._slots.values())
+            self._slots.clear()
+        for slot in slots:
+            if not slot.event.is_set():
+                slot.publish(None, self._closed_exc)
+
+    def _submit(self, msg: Message, tag: int | None = None) -> _Slot:
+        """Assign a tag, register the slot, send.  Safe from any thread."""
+        with self._lock:
+            if self._closed_exc is not None:
+                raise self._closed_exc
+            if tag is None:
+                if not self._free_tags:
+                    raise RuntimeError("all 65535 tags are in use")
+                tag = self._free_tags.pop()
+            msg.tag = tag
+            slot = _Slot(tag, msg)
+            self._slots[tag] = slot
+        data = c.encode(msg)
+        if threading.get_ident() == self._loop_thread:
+            slot.future = self._loop.create_future()
+            self._write(data)
+        else:
+            self._loop.call_soon_threadsafe(self._write, data)
+        return slot
+
+    def _write(self, data: bytes) -> None:
+        w = self._writer or self._transport
+        if w is not None and not w.is_closing():
+            w.write(data)
+
+    # ------------------------------------------------------------------ rpc
+
+    async def rpc(self, msg: Message, *, tag: int | None = None) -> Message:
+        """Send ``msg`` and return its reply (NinepError for Rlerror).
+
+        Cancellation sends Tflush; see the module docstring for what is returned then.
+        """
+        slot = self._submit(msg, tag)
+        assert slot.future is not None
+        try:
+            await asyncio.shield(slot.future)
+        except asyncio.CancelledError:
+            if slot.event.is_set():
+                raise
+            await self._flush(slot)
+            if slot.event.is_set():
+                # Answered before the Rflush: the request took effect; honour it.
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                return slot.result()
+            raise
+        return slot.result()
+
+    async def _flush(self, slot: _Slot) -> None:
+        slot.flushing = True
+        fslot = self._submit(c.Tflush(slot.tag))
+        assert fslot.future is not None
+        # Like Linux: once a flush is sent, wait for its Rflush whatever else happens.
+        # A server that never answers a Tflush is broken; the connection loss ends it.
+        while not fslot.event.is_set():
+            try:
+                await asyncio.shield(fslot.future)
+            except asyncio.CancelledError:
+                continue
+
+    def rpc_blocking(self, msg: Message, timeout: float | None = None) -> Message:
+        """Send from a thread other than the loop's and wait for the reply there."""
+        if threading.get_ident() == self._loop_thread:
+            raise RuntimeError("rpc_blocking() would deadlock on the loop thread")
+        slot = self._submit(msg)
+        if not slot.event.wait(timeout):
+            raise TimeoutError(f"no reply to {type(msg).__name__} in {timeout}s")
+        return slot.result()
+
+    # ------------------------------------------------------------------ fids
+
+    def _alloc_fid(self) -> int:
+        with self._lock:
+            if self._free_fids:
+                return self._free_fids.pop()
+            fid = self._next_fid
+            self._next_fid += 1
+            return fid
+
+    def _free_fid(self, fid: int) -> None:
+        with self._lock:
+            self._free_fids.append(fid)
+
+    @staticmethod
+    def _split(path: str) -> list[str]:
+        return [p for p in path.split("/") if p and p != "."]
+
+    async def walk(self, path: str | Iterable[str], fid: int | None = None) -> int:
+        """A new fid for ``path`` (relative to the attach root).  Caller clunks it."""
+        names = self._split(path) if isinstance(path, str) else list(path)
+        newfid = self._alloc_fid()
+        start = self.root_fid if fid is None else fid
+        first = True
+        try:
+            # Twalk carries at most 16 names; longer paths walk in steps from the newfid.
+            while first or names:
+                chunk, names = names[:c.MAXWELEM], names[c.MAXWELEM:]
+                r = await self.rpc(c.Twalk(start if first else newfid, newfid, chunk))
+                if len(r.wqids) != len(chunk):
+                    if not first:
+                        await self.clunk(newfid)
+                    raise NinepError(errno.ENOENT, os.strerror(errno.ENOENT))
+                first = False
+        except BaseException:
+            if first:
+                self._free_fid(newfid)
+            raise
+        return newfid
+
+    async def clunk(self, fid: int) -> None:
+        try:
+            await self.rpc(c.Tclunk(fid))
+        finally:
+            self._free_fid(fid)
+
+    async def stat(self, path: str) -> Stat:
+        fid = await self.walk(path)
+        try:
+            r = await self.rpc(c.Tgetattr(fid, c.GETATTR_BASIC))
+        finally:
+            await self.clunk(fid)
+        return Stat(r.qid, r.mode, r.uid, r.gid, r.nlink, r.size,
+                    r.mtime_sec * 10**9 + r.mtime_nsec)
+
+    async def listdir(self, path: str = "") -> list[str]:
+        """Names in a directory, without ``.`` and ``..``."""
+        fid = await self.walk(path)
+        names: list[str] = []
+        try:
+            await self.rpc(c.Tlopen(fid, 0))
+            offset = 0
+            while True:
+                r = await self.rpc(c.Treaddir(fid, offset, self.msize - 24))
+                ents = c.decode_dirents(r.data)
+                if not ents:
+                    break
+                names.extend(e.name for e in ents if e.name not in (".", ".."))
+                offset = ents[-1].offset
+        finally:
+            await self.clunk(fid)
+        return names
+
+    async def mkdir(self, path: str, mode: int = 0o755) -> Qid:
+        *parent, name = self._split(path)
+        fid = await self.walk(parent)
+        try:
+            r = await self.rpc(c.Tmkdir(fid, name, mode, 0))
+        finally:
+            await self.clunk(fid)
+        return r.qid
+
+    async def unlink(self, path: str, *, directory: bool = False) -> None:
+        *parent, name = self._split(path)
+        fid = await self.walk(parent)
+        try:
+            await self.rpc(c.Tunlinkat(fid, name, 0x200 if directory else 0))
+            return
+        except NinepError as exc:
+            # Servers without Tunlinkat (diod 1.0) say EOPNOTSUPP; Linux then falls back
+            # to Tremove, and so do we.
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+        finally:
+            await self.clunk(fid)
+        fid = await self.walk(path)
+        try:
+            await self.rpc(c.Tremove(fid))
+        finally:
+            self._free_fid(fid)  # Tremove clunks the fid whatever its outcome
+
+    async def open(self, path: str, mode: str = "r", perm: int = 0o644) -> File:
+        """Open like :func:`open` (modes r, w, a, x, r+, w+; always binary)."""
+        m = mode.replace("b", "")
+        plus = "+" in m
+        m = m.replace("+", "")
+        if m == "r":
+            flags = _DOTL_RDWR if plus else 0
+            fid = await self.walk(path)
+            try:
+                r = await self.rpc(c.Tlopen(fid, flags))
+            except BaseException:
+                await self.clunk(fid)
+                raise
+            return File(self, fid, r.iounit, 0)
+        acc = _DOTL_RDWR if plus else _DOTL_WRONLY
+        flags = acc | _DOTL_CREATE | {"w": _DOTL_TRUNC, "a": _DOTL_APPEND, "x": _DOTL_EXCL}[m]
+        *parent, name = self._split(path)
+        fid = await self.walk(parent)
+        try:
+            r = await self.rpc(c.Tlcreate(fid, name, flags, perm, 0))
+        except NinepError as exc:
+            if exc.errno != errno.EEXIST or m == "x":
+                await self.clunk(fid)
+                raise
+            # Tlcreate fails on an existing file; open it instead (O_CREAT semantics).
+            await self.clunk(fid)
+            fid = await self.walk(path)
+            try:
+                r = await self.rpc(c.Tlopen(fid, flags & ~(_DOTL_CREATE | _DOTL_EXCL)))
+            except BaseException:
+                await self.clunk(fid)
+                raise
+        except BaseException:
+            await self.clunk(fid)
+            raise
+        pos = 0
+        if m == "a":
+            g = await self.rpc(c.Tgetattr(fid, c.GETATTR_BASIC))
+            pos = g.size
+        return File(self, fid, r.iounit, pos)
+
+    async def read_file(self, path: str) -> bytes:
+        f = await self.open(path)
+        try:
+            return await f.read()
+        finally:
+            await f.close()
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        f = await self.open(path, "w")
+        try:
+            await f.write(data)
+        finally:
+            await f.close()
+
+
+class File:
+    """An open fid with a position; reads and writes are split to fit the msize."""
+
+    def __init__(self, client: Client, fid: int, iounit: int, pos: int) -> None:
+        self.client = client
+        self.fid = fid
+        limit = client.msize - 24
+        self.iounit = min(iounit, limit) if iounit else limit
+        self.pos = pos
+        self.closed = False
+
+    async def pread(self, size: int, offset: int) -> bytes:
+        r = await self.client.rpc(c.Tread(self.fid, offset, min(size, self.iounit)))
+        return r.data
+
+    async def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (all to EOF when negative)."""
+        out = bytearray()
+        while size < 0 or len(out) < size:
+            want = self.iounit if size < 0 else min(self.iounit, size - len(out))
+            data = await self.pread(want, self.pos)
+            if not data:
+                break
+            out += data
+            self.pos += len(data)
+        return bytes(out)
+
+    async def pwrite(self, data: bytes, offset: int) -> int:
+        r = await self.client.rpc(c.Twrite(self.fid, offset, data[:self.iounit]))
+        return r.count
+
+    async def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            n = await self.pwrite(bytes(view[done:done + self.iounit]), self.pos)
+            if n <= 0:
+                raise NinepError(errno.EIO, "short write")
+            done += n
+            self.pos += n
+        return done
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.client.clunk(self.fid)
+
+    async def __aenter__(self) -> File:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,132 @@
+"""``python -m sigpoll.ninep serve``: transports, clean exit on signals, option errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sigpoll.ninep import Client
+from sigpoll.ninep._testing import free_port
+
+CMD = [sys.executable, "-m", "sigpoll.ninep"]
+
+
+@pytest.fixture
+def export(tmp_path: Path) -> Path:
+    d = tmp_path / "export"
+    d.mkdir()
+    (d / "f").write_bytes(b"cli\n")
+    return d
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("server did not start")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_tcp_logs_and_exits_cleanly(export: Path, sig: int) -> None:
+    port = free_port()
+    proc = subprocess.Popen([*CMD, "serve", str(export), "--listen", f"127.0.0.1:{port}"],
+                            stderr=subprocess.PIPE)
+    try:
+        _wait_port(port, proc)  # (one probe connection)
+
+        async def use() -> bytes:
+            cl = await Client.connect_tcp("127.0.0.1", port)
+            data = await cl.read_file("f")
+            await cl.close()
+            return data
+
+        assert asyncio.run(use()) == b"cli\n"
+        time.sleep(0.2)
+        proc.send_signal(sig)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert any("connection from" in ln and "closed" not in ln for ln in lines), err
+    assert sum("connection from" in ln and "closed" not in ln for ln in lines) == 2
+
+
+def test_serve_unix(export: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    proc = subprocess.Popen([*CMD, "serve", str(export), "--unix", path, "-q"])
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        async def use() -> bytes:
+            cl = await Client.connect_unix(path)
+            data = await cl.read_file("f")
+            await cl.close()
+            return data
+
+        assert asyncio.run(use()) == b"cli\n"
+        proc.terminate()
+        assert proc.wait(10) == 0
+        assert not os.path.exists(path)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_fd_socketpair(export: Path) -> None:
+    a, b = socket.socketpair()
+    proc = subprocess.Popen([*CMD, "serve", str(export), "--fd", f"{a.fileno()}", "-q"],
+                            pass_fds=[a.fileno()])
+    a.close()
+    try:
+        async def use() -> bytes:
+            cl = await Client.connect_fds(b.fileno())
+            data = await cl.read_file("f")
+            await cl.close()
+            return data
+
+        assert asyncio.run(use()) == b"cli\n"
+        b.close()
+        assert proc.wait(10) == 0  # the one connection ended: the server exits
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve"],
+        ["serve", "DIR"],
+        ["serve", "DIR", "--listen", "nope"],
+        ["serve", "DIR", "--listen", "1.2.3.4:1", "--unix", "/x"],
+        ["serve", "DIR", "--fd", "a,b"],
+        ["serve", "DIR", "--listen", "127.0.0.1:0", "--msize", "12"],
+        ["serve", "/nonexistent/dir", "--listen", "127.0.0.1:0"],
+        ["frobnicate"],
+    ],
+)
+def test_bad_options_one_line_exit_2(export: Path, argv: list[str]) -> None:
+    argv = [str(export) if a == "DIR" else a for a in argv]
+    r = subprocess.run([*CMD, *argv], capture_output=True, timeout=30)
+    assert r.returncode == 2
+    err = r.stderr.decode()
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
