@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import _uml
 from .. import tty as stty
-from ._init_script import command_line, init_script, interactive_line
+from ._init_script import GUEST_DIR, command_line, command_text, init_script, interactive_line, share_setup
 
 __all__ = ["BootError", "CommandResult", "Guest", "GuestError"]
 
@@ -39,6 +39,25 @@ class CommandResult:
 
 StatusCallback = Callable[[str], None]
 
+#: 9P message size for shares: large reads and writes in few round trips.
+SHARE_MSIZE = 512 * 1024
+_SHARE_PORT = 5640
+
+
+def _parse_share(share: str | tuple[str, str]) -> tuple[str, str]:
+    """``HOSTDIR``, ``HOSTDIR:TAG`` or ``(HOSTDIR, TAG)`` -> (absolute dir, tag)."""
+    if isinstance(share, tuple):
+        path, tag = share
+    else:
+        path, _, tag = share.partition(":")
+    path = os.path.abspath(path)
+    tag = tag or os.path.basename(path.rstrip("/")) or "root"
+    if not os.path.isdir(path):
+        raise ValueError(f"share {path!r} is not a directory")
+    if not tag.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"share tag {tag!r}: use letters, digits, '-', '_' or '.'")
+    return path, tag
+
 
 class Guest:
     """A User-Mode Linux guest on the host's root file system, its console on a sigpoll pty.
@@ -59,7 +78,12 @@ class Guest:
         extra_args: Sequence[str] = (),
         boot_timeout: float = 60.0,
         status: StatusCallback | None = None,
+        shares: Sequence[str | tuple[str, str]] = (),
     ) -> None:
+        self.shares = [_parse_share(share) for share in shares]
+        tags = [tag for _, tag in self.shares]
+        if len(set(tags)) != len(tags):
+            raise ValueError(f"share tags must differ: {tags}")
         self.kernel = kernel
         self.mem = mem
         self.read_only = read_only
@@ -75,7 +99,10 @@ class Guest:
         self._transport: stty.ConsoleTransport | None = None
         self._nudger: _uml.SigioNudger | None = None
         self._boot_log = b""
+        self._netns: Any = None
+        self._servers: list[Any] = []
         self._lock = asyncio.Lock()
+        self._commands = 0
         self.boot_seconds: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -104,23 +131,60 @@ class Guest:
             await self._cleanup()
             raise
 
+    async def _start_shares(self) -> tuple[list[str], list[str], Callable[[], None] | None]:
+        """Serve each share with sigpoll's 9P server inside a private network namespace.
+
+        Returns the guest's extra kernel arguments, its init lines, and the preexec hook
+        that starts UML inside the namespace.  (Why a network and not a serial line: see
+        sigpoll._netns.)
+        """
+        if not self.shares:
+            return [], [], None
+        from .._netns import NetNamespace, NetnsUnavailable
+        from ..ninep import NinepServer
+
+        modules = _uml.modules_dir()
+        if modules is None:
+            raise BootError(f"UML's kernel modules are missing (needed for shares); {_uml.INSTALL_HINT}")
+        try:
+            self._netns = ns = await asyncio.to_thread(NetNamespace)
+        except NetnsUnavailable as exc:
+            raise BootError(f"shares need a private network namespace: {exc}") from None
+        mounts = []
+        for i, (path, tag) in enumerate(self.shares):
+            server = NinepServer(path, msize=SHARE_MSIZE)
+            self._servers.append(server)
+            await server.start_socket(ns.listen(_SHARE_PORT + i))
+            mounts.append((tag, ns.host_address, _SHARE_PORT + i))
+            self._status(f"share {path} -> /mnt/{tag} (9P over a private network)")
+        setup = ns.guest_setup() + share_setup(modules, mounts, SHARE_MSIZE)
+        return ns.guest_args(), setup, ns.preexec
+
     async def _boot(self, kernel: str) -> None:
         self._tmp = tempfile.mkdtemp(prefix="sigpoll-guest-")
+        share_args, share_lines, enter_netns = await self._start_shares()
         init = os.path.join(self._tmp, "init.sh")
         with open(init, "w") as f:
-            f.write(init_script(self._token, read_only=self.read_only, setup=self.setup))
+            f.write(
+                init_script(
+                    self._token, host_dir=self._tmp, read_only=self.read_only,
+                    setup=share_lines + self.setup,
+                )
+            )
         os.chmod(init, 0o755)
         master, path = stty.open_pty()
         slave = os.open(path, os.O_RDWR | os.O_NOCTTY)
         argv = _uml.kernel_command(
-            init, kernel=kernel, mem=self.mem, read_only=self.read_only, extra=self.extra_args
+            init, kernel=kernel, mem=self.mem, read_only=self.read_only,
+            extra=share_args + self.extra_args,
         )
+        spawn = _uml.spawn_kwargs(tmpdir=self._tmp)
+        if enter_netns is not None:
+            spawn["preexec_fn"] = enter_netns(spawn["preexec_fn"])
         self._status(f"booting {kernel} ({self.mem}, console {path})")
         t0 = time.monotonic()
         try:
-            self._proc = subprocess.Popen(
-                argv, stdin=slave, stdout=slave, close_fds=True, **_uml.spawn_kwargs(tmpdir=self._tmp)
-            )
+            self._proc = subprocess.Popen(argv, stdin=slave, stdout=slave, close_fds=True, **spawn)
         except OSError as exc:
             os.close(master)
             raise BootError(f"cannot start {kernel}: {exc.strerror}") from None
@@ -147,6 +211,9 @@ class Guest:
             why = f"exited with status {code}" if code is not None else f"not ready after {self.boot_timeout:g}s"
             raise BootError(f"the guest kernel {why}" + ("; last lines:\n  " + "\n  ".join(tail) if tail else "")) from None
         self.boot_seconds = time.monotonic() - t0
+        failed = [tag for _, tag in self.shares if f"@@SHARE-FAILED:{tag}@@".encode() in self._boot_log]
+        if failed:
+            raise BootError(f"the guest could not mount shares {failed}")
         self._status(f"guest up in {self.boot_seconds:.1f}s")
 
     async def stop(self, timeout: float = 20.0) -> int | None:
@@ -175,6 +242,13 @@ class Guest:
                 await asyncio.wait_for(self._writer.wait_closed(), 5)
             self._writer = self._reader = None
             self._transport = None
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.close()
+        self._servers = []
+        if self._netns is not None:
+            await asyncio.to_thread(self._netns.close)
+            self._netns = None
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -208,7 +282,12 @@ class Guest:
         """
         async with self._lock:
             reader, writer = self._require_running()
-            writer.write(command_line(self._token, command))
+            assert self._tmp is not None
+            self._commands += 1
+            name = f"command-{self._commands}.sh"
+            with open(os.path.join(self._tmp, name), "w") as f:
+                f.write(command_text(command))
+            writer.write(command_line(self._token, f"{GUEST_DIR}/{name}"))
             marker = f"@@{self._token}:EXIT:".encode()
             collected = bytearray()
             pending = b""

@@ -5,13 +5,44 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-__all__ = ["init_script", "command_line", "interactive_line"]
+__all__ = ["GUEST_DIR", "command_line", "command_text", "init_script", "interactive_line", "share_setup"]
+
+# Load order of the guest kernel's 9P modules (each needs the ones before it).
+_NINEP_MODULES = (
+    "fs/netfs/netfs.ko",
+    "fs/fscache/fscache.ko",
+    "net/9p/9pnet.ko",
+    "net/9p/9pnet_fd.ko",  # carries trans=tcp as well as trans=fd
+    "fs/9p/9p.ko",
+)
 
 
-def init_script(token: str, *, read_only: bool, setup: Sequence[str] = ()) -> str:
+def share_setup(modules_dir: str, mounts: Sequence[tuple[str, str, int]], msize: int) -> list[str]:
+    """Init lines that load v9fs and mount each ``(tag, host_address, port)`` at /mnt/TAG.
+
+    /mnt gets a tmpfs first: the host's root may be read-only.  A failed mount is reported
+    on the console with a marker the host turns into an error.
+    """
+    lines = [f"insmod {modules_dir}/kernel/{m} 2>/dev/null" for m in _NINEP_MODULES]
+    lines.append("mount -t tmpfs tmpfs /mnt")
+    for tag, host, port in mounts:
+        options = f"trans=tcp,port={port},version=9p2000.L,msize={msize},access=any,cache=none"
+        lines += [
+            f"mkdir -p /mnt/{tag}",
+            f"mount -t 9p -o {options} {host} /mnt/{tag} || echo '@@SHARE-FAILED:{tag}@@'",
+        ]
+    return lines
+
+
+#: Where the guest sees the host's private directory for it (command scripts live there).
+GUEST_DIR = "/run/sigpoll"
+
+
+def init_script(token: str, *, host_dir: str, read_only: bool, setup: Sequence[str] = ()) -> str:
     """PID 1 for a guest on the host's root file system.
 
-    It mounts what a shell needs, runs ``setup`` lines (share mounts, module loads), prints a
+    It mounts what a shell needs, binds ``host_dir`` (the guest's private directory on the
+    host) at :data:`GUEST_DIR` before /tmp is covered by a tmpfs, runs ``setup`` lines (share mounts, module loads), prints a
     ready marker carrying ``token`` and then becomes a quiet shell that reads commands from
     the console: no echo, no prompt, no CR insertion, so the host sees command output byte
     for byte.  Whatever happens, it powers the guest off rather than exiting (PID 1 exiting
@@ -24,9 +55,14 @@ def init_script(token: str, *, read_only: bool, setup: Sequence[str] = ()) -> st
         "mount -t proc proc /proc",
         "mount -t sysfs sys /sys",
     ]
+    lines += [
+        "mount -t tmpfs tmpfs /run",
+        f"mkdir -p {GUEST_DIR}",
+        f"mount --bind {shlex.quote(host_dir)} {GUEST_DIR}",
+    ]
     if read_only:
         # The host's root is mounted read-only: give the guest writable scratch space.
-        lines += ["mount -t tmpfs tmpfs /tmp", "mount -t tmpfs tmpfs /run"]
+        lines.append("mount -t tmpfs tmpfs /tmp")
     lines += list(setup)
     lines += [
         "stty -echo -onlcr 2>/dev/null",
@@ -40,14 +76,23 @@ def init_script(token: str, *, read_only: bool, setup: Sequence[str] = ()) -> st
     return "\n".join(lines) + "\n"
 
 
-def command_line(token: str, argv: str | Sequence[str]) -> bytes:
-    """What the host types to run one command and learn its exit status.
+def command_line(token: str, script: str) -> bytes:
+    """What the host types to run the command in ``script`` and learn its exit status.
 
-    The status comes back as ``@@TOKEN:EXIT:N@@``; stdin is /dev/null so the command cannot
-    swallow the host's next line.
+    The command itself travels as a file (the guest sees the host's root, and with it the
+    guest's private directory): the console line stays short whatever the command is, so
+    neither the tty's 4095-byte line limit nor UML's console input path (which loses input
+    once the guest's tty throttles) can touch it, and no quoting is needed.  It runs in a
+    subshell with stdin from /dev/null, so ``exit`` or ``set -e`` cannot end the guest's
+    command loop and the command cannot swallow the host's next line.  The status comes
+    back as ``@@TOKEN:EXIT:N@@``.
     """
-    cmd = argv if isinstance(argv, str) else shlex.join(argv)
-    return f"( {cmd} ) </dev/null; printf '@@%s:EXIT:%d@@\\n' {token} $?\n".encode()
+    return f"( . {shlex.quote(script)} ) </dev/null; printf '@@%s:EXIT:%d@@\\n' {token} $?\n".encode()
+
+
+def command_text(argv: str | Sequence[str]) -> str:
+    """The shell text of a command: a string as it is, a list quoted word by word."""
+    return (argv if isinstance(argv, str) else shlex.join(argv)) + "\n"
 
 
 def interactive_line(rows: int | None, cols: int | None) -> bytes:

@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import pwd
+import socket
 import stat
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -163,6 +164,14 @@ class NinepServer:
         self._servers.append(srv)
         return srv
 
+    async def start_socket(self, sock: socket.socket) -> asyncio.AbstractServer:
+        """Serve on a socket that is already listening (made elsewhere, e.g. inside a
+        private network namespace)."""
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(lambda: self.protocol(), sock=sock)
+        self._servers.append(srv)
+        return srv
+
     async def start_unix(self, path: str) -> asyncio.AbstractServer:
         """Listen on a unix socket at ``path``."""
         loop = asyncio.get_running_loop()
@@ -177,8 +186,6 @@ class NinepServer:
         two different fds may be pipes.  The descriptors are duplicated, so the caller
         keeps ownership of its own.
         """
-        import socket
-
         loop = asyncio.get_running_loop()
         if wfd is None:
             wfd = rfd
