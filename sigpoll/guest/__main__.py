@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", help="UML kernel binary (default: linux.uml on PATH)")
     run.add_argument("--mem", default="256M", help="guest memory (default 256M)")
     run.add_argument("--rw", action="store_true", help="mount the host's root read-write (default read-only)")
+    run.add_argument("--share", action="append", default=[], metavar="HOSTDIR[:TAG]",
+                     help="share a host directory with the guest at /mnt/TAG (9P); repeatable")
     run.add_argument("--quiet", "-q", action="store_true", help="no status lines")
     run.add_argument("--boot-timeout", type=float, default=60.0, help="seconds to wait for the guest (default 60)")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...] to run in the guest")
@@ -46,13 +48,18 @@ async def _main(args: argparse.Namespace, command: list[str]) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, task.cancel)  # type: ignore[union-attr]
-    guest = Guest(
-        kernel=args.kernel,
-        mem=args.mem,
-        read_only=not args.rw,
-        boot_timeout=args.boot_timeout,
-        status=None if args.quiet else _status,
-    )
+    try:
+        guest = Guest(
+            kernel=args.kernel,
+            mem=args.mem,
+            read_only=not args.rw,
+            boot_timeout=args.boot_timeout,
+            status=None if args.quiet else _status,
+            shares=args.share,
+        )
+    except ValueError as exc:
+        _status(str(exc))
+        return 2
     try:
         await guest.start()
     except BootError as exc:
