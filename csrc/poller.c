@@ -45,7 +45,10 @@ typedef struct reg {
     uint32_t flags;      /* SP_EDGE | SP_NO_SIGNAL */
     uint64_t stamp;      /* batch number in which this fd was last put in the output */
     int out_index;       /* its slot in that batch */
-    /* What register() changed, so unregister() can put it back. */
+    /* What register() changed, so unregister() can put it back, and which file that was:
+     * if the caller closed the fd and the number now names another file, hands off. */
+    dev_t dev;
+    ino_t ino;
     int orig_fl;
     int orig_sig;
     struct f_owner_ex orig_owner;
@@ -182,7 +185,10 @@ static int check_async_capable(int fd)
 
 static void restore_fd(reg *r, int fd)
 {
-    /* Best effort: the caller may already have closed the fd. */
+    /* Best effort: the caller may already have closed the fd, or even reused its number. */
+    struct stat st;
+    if (fstat(fd, &st) < 0 || st.st_dev != r->dev || st.st_ino != r->ino)
+        return;
     fcntl(fd, F_SETFL, r->orig_fl);
     fcntl(fd, F_SETSIG, r->orig_sig);
     fcntl(fd, F_SETOWN_EX, &r->orig_owner); /* pid 0 clears the owner again */
@@ -437,7 +443,12 @@ int sp_poller_register(sp_poller *p, int fd, uint32_t events, uint32_t flags)
     if ((rc = grow_regs(p, fd)) < 0)
         goto out;
 
-    reg r = {.used = 1, .events = events, .flags = flags, .orig_fl = fl};
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        rc = -errno;
+        goto out;
+    }
+    reg r = {.used = 1, .events = events, .flags = flags, .orig_fl = fl, .dev = st.st_dev, .ino = st.st_ino};
     struct epoll_event ev = {.events = epoll_mask(events, flags), .data.u64 = (uint64_t)fd};
     /* epoll first: it rejects regular files and directories (EPERM) before anything changed. */
     if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {

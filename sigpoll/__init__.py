@@ -3,21 +3,30 @@
 The public surface is re-exported here; everything else lives in private modules.
 """
 
+from ._attach import AttachedPoller, attach
 from ._errors import PollerClosedError, SignalMaskWarning
+from ._loop import EventLoopPolicy, Loop, install, new_event_loop, run
 from ._poller import ERROR, HANGUP, READABLE, WRITABLE, Counters, FileLike, Poller
 from ._signals import DEFAULT_SIGNAL, threads_not_blocking
 
 __all__ = [
+    "AttachedPoller",
     "DEFAULT_SIGNAL",
     "ERROR",
     "HANGUP",
     "READABLE",
     "WRITABLE",
     "Counters",
+    "EventLoopPolicy",
     "FileLike",
+    "Loop",
     "Poller",
     "PollerClosedError",
     "SignalMaskWarning",
+    "attach",
+    "install",
+    "new_event_loop",
+    "run",
     "threads_not_blocking",
 ]
 

@@ -211,6 +211,27 @@ def test_unregister_after_close_of_fd(poller: Poller) -> None:
     assert len(poller) == 0
 
 
+def test_unregister_after_the_number_was_reused_leaves_the_new_file_alone(poller: Poller) -> None:
+    r, w = os.pipe()
+    poller.register(r, READABLE)
+    os.close(r)
+    a, b = socket.socketpair()  # likely to take the freed number
+    extra = None
+    try:
+        if a.fileno() != r:
+            extra = os.dup2(a.fileno(), r)  # make sure: the old number now names a socket
+        os.set_blocking(r, False)  # a wrong restore (the pipe's old flags) would clear this
+        before = fcntl.fcntl(r, fcntl.F_GETFL)
+        poller.unregister(r)
+        assert fcntl.fcntl(r, fcntl.F_GETFL) == before
+    finally:
+        if extra is not None:
+            os.close(extra)
+        os.close(w)
+        a.close()
+        b.close()
+
+
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="mode"):
         Poller(mode="fast")  # type: ignore[arg-type]

@@ -9,7 +9,14 @@ import pkgutil
 import sigpoll
 
 EXPECTED_TOP_LEVEL = {
+    "AttachedPoller",
     "DEFAULT_SIGNAL",
+    "EventLoopPolicy",
+    "Loop",
+    "attach",
+    "install",
+    "new_event_loop",
+    "run",
     "ERROR",
     "HANGUP",
     "READABLE",

@@ -1,0 +1,613 @@
+"""The asyncio event loop built on the sigpoll poller.
+
+:class:`Loop` is asyncio's Unix selector loop with a :class:`~sigpoll._selector.PollerSelector`
+underneath, so every fd it watches (sockets, pipes, the self-pipe, devices) sits in the one
+epoll set of a :class:`sigpoll.Poller`.  Everything asyncio offers on Linux (transports, TLS,
+subprocesses, signal handlers, executors, sendfile) is inherited unchanged; the loop replaces
+only the iteration step (:meth:`Loop._run_once`), which reads the poller directly instead of
+going through ``selectors`` objects, and the cross-thread wake-up, which uses the poller's
+eventfd instead of a byte through the self-pipe.
+
+Ordinary fds are registered without O_ASYNC signals (they would cost a signal and a signalfd
+read per readiness change and buy nothing, since the loop always sleeps in epoll_wait).
+Device fds opt in with :meth:`Loop.add_device_reader` / :meth:`Loop.add_device_writer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import heapq
+import os
+import signal as _signal
+import socket
+import sys
+import warnings
+from asyncio import events as _events
+from asyncio import format_helpers as _format_helpers
+from asyncio import selector_events as _selector_events
+from asyncio import unix_events as _unix_events
+from collections import deque
+from collections.abc import Callable, Coroutine
+from selectors import EVENT_READ, EVENT_WRITE
+from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, Unpack
+
+from ._errors import PollerClosedError, SignalMaskWarning
+from ._poller import Counters, FileLike, Poller
+from ._selector import PollerSelector
+from ._signals import threads_not_blocking
+
+__all__ = ["EventLoopPolicy", "Loop", "install", "new_event_loop", "run"]
+
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
+
+_EPOLLIN = 0x001
+_EPOLLOUT = 0x004
+# Same rule as the selector: error and hang-up wake both directions.
+_NOT_IN = ~_EPOLLIN
+_NOT_OUT = ~_EPOLLOUT
+_SIGIO = int(_signal.SIGIO)
+
+# Kept equal to asyncio.base_events so timer housekeeping behaves identically.
+_MIN_SCHEDULED_TIMER_HANDLES = 100
+_MIN_CANCELLED_TIMER_HANDLES_FRACTION = 0.5
+_MAXIMUM_SELECT_TIMEOUT = 24 * 3600
+
+_Handle = asyncio.Handle
+_TimerHandle = asyncio.TimerHandle
+
+#: Size of the loop's shared receive buffer: asyncio's own read size for transports.
+_RECV_SIZE = 256 * 1024
+
+
+# asyncio's transport classes are private, so typeshed does not describe them.
+_SocketTransportBase: Any = getattr(_selector_events, "_SelectorSocketTransport")
+_DatagramTransportBase: Any = getattr(_selector_events, "_SelectorDatagramTransport")
+_ReadPipeTransportBase: Any = getattr(_unix_events, "_UnixReadPipeTransport")
+_unix_logger: Any = getattr(_unix_events, "logger")
+
+
+# -- transports ------------------------------------------------------------------------------
+#
+# asyncio's transports read with sock.recv(256 KiB) / os.read(fd, 256 KiB).  Each such call
+# allocates a 256 KiB bytes object (above glibc's mmap threshold: an mmap, page faults and
+# an munmap per read) and then shrinks it to the bytes that came.  On this kind of machine
+# that allocation costs several times the recv itself.  These subclasses read into one
+# buffer per loop and hand the protocol an exact-size copy: the same data, the same
+# maximum chunk, the same callbacks and errors, without the big allocation.
+
+
+class _SocketTransport(_SocketTransportBase):  # type: ignore[misc]
+    """asyncio's selector socket transport, reading into the loop's shared buffer."""
+
+    def _read_ready__data_received(self) -> None:
+        if self._conn_lost:
+            return
+        size = self.max_size
+        rbuf = self._loop._rbuf
+        try:
+            if size <= _RECV_SIZE:
+                n = self._sock.recv_into(rbuf, size)
+                data = rbuf[:n].tobytes()
+            else:
+                data = self._sock.recv(size)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal read error on socket transport")
+            return
+        if not data:
+            self._read_ready__on_eof()
+            return
+        try:
+            self._protocol.data_received(data)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+
+class _DatagramTransport(_DatagramTransportBase):  # type: ignore[misc]
+    """asyncio's selector datagram transport, receiving into the loop's shared buffer."""
+
+    def _read_ready(self) -> None:
+        if self._conn_lost:
+            return
+        size = self.max_size
+        rbuf = self._loop._rbuf
+        try:
+            if size <= _RECV_SIZE:
+                n, addr = self._sock.recvfrom_into(rbuf, size)
+                data = rbuf[:n].tobytes()
+            else:
+                data, addr = self._sock.recvfrom(size)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self._protocol.error_received(exc)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal read error on datagram transport")
+        else:
+            self._protocol.datagram_received(data, addr)
+
+
+class _ReadPipeTransport(_ReadPipeTransportBase):  # type: ignore[misc]
+    """asyncio's read pipe transport (pipes, subprocess output), reading into a shared buffer."""
+
+    def _read_ready(self) -> None:
+        size = self.max_size
+        try:
+            if size <= _RECV_SIZE:
+                rbuf = self._loop._rbuf
+                n = os.readv(self._fileno, (rbuf[:size],))
+                data = rbuf[:n].tobytes()
+            else:
+                data = os.read(self._fileno, size)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal_error(exc, "Fatal read error on pipe transport")
+            return
+        if data:
+            self._protocol.data_received(data)
+            return
+        # End of file: the same sequence as asyncio's pipe transport.
+        if self._loop.get_debug():
+            _unix_logger.info("%r was closed by peer", self)
+        self._closing = True
+        self._loop._remove_reader(self._fileno)
+        self._loop.call_soon(self._protocol.eof_received)
+        self._loop.call_soon(self._call_connection_lost, None)
+
+
+def _new_poller(signal: int | None) -> Poller:
+    # The poller warns about threads that do not block its signals.  That only matters
+    # once a device fd sends signals, and a plain loop has none, so the check is
+    # deferred to the first add_device_reader/writer (see Loop._check_thread_masks).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SignalMaskWarning)
+        return Poller(signal=signal)
+
+
+class Loop(asyncio.SelectorEventLoop):
+    """An asyncio event loop whose readiness comes from a :class:`sigpoll.Poller`.
+
+    Create it with :func:`new_event_loop` (or ``asyncio.Runner(loop_factory=
+    sigpoll.new_event_loop)``).  ``signal`` chooses the poller's real-time hint signal
+    (default :data:`sigpoll.DEFAULT_SIGNAL`).
+
+    On top of :class:`asyncio.AbstractEventLoop` it offers the device API:
+    :meth:`add_device_reader`, :meth:`add_device_writer`, :meth:`remove_device_reader`,
+    :meth:`remove_device_writer` and :meth:`poller_counters`.
+    """
+
+    if TYPE_CHECKING:
+        # asyncio's private loop state and helpers this class uses (typeshed omits them).
+        _selector: PollerSelector | None
+        _ready: deque[Any]  # of asyncio.Handle, whose private fields are read here
+        _scheduled: list[Any]  # of asyncio.TimerHandle
+        _timer_cancelled_count: int
+        _stopping: bool
+        _debug: bool
+        _closed: bool
+        _clock_resolution: float
+
+        def _check_closed(self) -> None: ...
+        def _check_signal(self, sig: int) -> None: ...
+        def _ensure_fd_no_transport(self, fd: FileLike) -> None: ...
+        def _add_reader(self, fd: FileLike, callback: Callable[..., object], *args: Any) -> asyncio.Handle: ...
+        def _add_writer(self, fd: FileLike, callback: Callable[..., object], *args: Any) -> asyncio.Handle: ...
+
+    def __init__(self, *, signal: int | None = None) -> None:
+        poller = _new_poller(signal)
+        selector = PollerSelector(poller)
+        # Bound once: _run_once reads them on every iteration.
+        self._poller = poller
+        self._poller_wait = poller.wait
+        self._fd_to_key = selector._fd_to_key
+        self._masks_checked = False
+        # One receive buffer for every transport of this loop (see _SocketTransport).
+        self._rbuf = memoryview(bytearray(_RECV_SIZE))
+        super().__init__(selector)
+
+    # -- transports --------------------------------------------------------------------------
+
+    def _make_socket_transport(
+        self,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future[Any] | None = None,
+        *,
+        extra: dict[str, Any] | None = None,
+        server: asyncio.AbstractServer | None = None,
+    ) -> asyncio.Transport:
+        return _SocketTransport(self, sock, protocol, waiter, extra, server)
+
+    def _make_datagram_transport(
+        self,
+        sock: socket.socket,
+        protocol: asyncio.BaseProtocol,
+        address: Any = None,
+        waiter: asyncio.Future[Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> asyncio.DatagramTransport:
+        return _DatagramTransport(self, sock, protocol, address, waiter, extra)
+
+    def _make_read_pipe_transport(
+        self,
+        pipe: Any,
+        protocol: asyncio.BaseProtocol,
+        waiter: asyncio.Future[Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> asyncio.ReadTransport:
+        return _ReadPipeTransport(self, pipe, protocol, waiter, extra)
+
+    # -- the iteration step ----------------------------------------------------------------
+
+    def _run_once(self) -> None:
+        """One iteration: poll for I/O, move due timers to the ready queue, run it.
+
+        Same order and semantics as asyncio.BaseEventLoop._run_once; the difference is
+        that readiness comes straight from the poller as (fd, epoll bits) pairs and is
+        turned into ready handles in one pass.  Debug mode uses asyncio's own step, so
+        slow-callback reporting is exactly asyncio's.
+        """
+        if self._debug:
+            super()._run_once()  # type: ignore[misc]
+            return
+        handle: Any
+        scheduled = self._scheduled
+        count = len(scheduled)
+        if (
+            count > _MIN_SCHEDULED_TIMER_HANDLES
+            and self._timer_cancelled_count / count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
+        ):
+            # Too many cancelled timers: rebuild the heap without them.
+            live = []
+            for handle in scheduled:
+                if handle._cancelled:
+                    handle._scheduled = False
+                else:
+                    live.append(handle)
+            heapq.heapify(live)
+            self._scheduled = scheduled = live
+            self._timer_cancelled_count = 0
+        else:
+            while scheduled and scheduled[0]._cancelled:
+                self._timer_cancelled_count -= 1
+                handle = heapq.heappop(scheduled)
+                handle._scheduled = False
+
+        ready = self._ready
+        if ready or self._stopping:
+            timeout: float | None = 0
+        elif scheduled:
+            timeout = scheduled[0]._when - self.time()
+            if timeout > _MAXIMUM_SELECT_TIMEOUT:
+                timeout = _MAXIMUM_SELECT_TIMEOUT
+            elif timeout < 0:
+                timeout = 0
+        else:
+            timeout = None
+
+        events: list[tuple[int, int]] | None = self._poller_wait(timeout)
+        if events:
+            fd_to_key = self._fd_to_key
+            for fd, ev in events:
+                key = fd_to_key.get(fd)
+                if key is None:
+                    continue  # unregistered by a callback earlier in this batch
+                reader, writer = key.data
+                if reader is not None and ev & _NOT_OUT:
+                    if reader._cancelled:
+                        self._remove_reader(key.fileobj)
+                    else:
+                        ready.append(reader)
+                if writer is not None and ev & _NOT_IN:
+                    if writer._cancelled:
+                        self._remove_writer(key.fileobj)
+                    else:
+                        ready.append(writer)
+            events = None
+
+        if scheduled:
+            end_time = self.time() + self._clock_resolution
+            while scheduled:
+                handle = scheduled[0]
+                if handle._when >= end_time:
+                    break
+                heapq.heappop(scheduled)
+                handle._scheduled = False
+                ready.append(handle)
+
+        # Only what is ready now runs; callbacks scheduled by these wait for the next
+        # poll, so I/O cannot be starved by a callback that keeps rescheduling itself.
+        popleft = ready.popleft
+        for _ in range(len(ready)):
+            handle = popleft()
+            if handle._cancelled:
+                continue
+            if type(handle) is _Handle or type(handle) is _TimerHandle:
+                # Handle._run inlined: one Python frame less per callback.
+                try:
+                    handle._context.run(handle._callback, *handle._args)  # type: ignore[attr-defined]
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    self._callback_failed(handle, exc)
+            else:
+                handle._run()
+        handle = None  # break the cycle through a failed callback's traceback
+
+    # -- scheduling fast paths -------------------------------------------------------------------
+    #
+    # Every task step and future callback goes through call_soon, so asyncio's layers
+    # (_check_closed, _call_soon, traceback trimming that only applies in debug mode) are
+    # folded into one frame here.  Debug mode, a closed loop and bad arguments take
+    # asyncio's own path, so their checks and error messages are unchanged.
+
+    def call_soon(
+        self,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: Unpack[_Ts],
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        if self._debug or self._closed:
+            return super().call_soon(callback, *args, context=context)
+        handle = _Handle(callback, args, self, context)
+        self._ready.append(handle)
+        return handle
+
+    def call_at(
+        self,
+        when: float,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: Unpack[_Ts],
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        if when is None or self._debug or self._closed:
+            return super().call_at(when, callback, *args, context=context)
+        timer: Any = _TimerHandle(when, callback, args, self, context)
+        heapq.heappush(self._scheduled, timer)
+        timer._scheduled = True
+        return timer  # type: ignore[no-any-return]
+
+    def call_later(
+        self,
+        delay: float,
+        callback: Callable[[Unpack[_Ts]], object],
+        *args: Unpack[_Ts],
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        if delay is None or self._debug or self._closed:
+            return super().call_later(delay, callback, *args, context=context)
+        return self.call_at(self.time() + delay, callback, *args, context=context)
+
+    def _callback_failed(self, handle: Any, exc: BaseException) -> None:
+        # The report asyncio.Handle._run makes, so exception handlers see the same context.
+        source = _format_helpers._format_callback_source(handle._callback, handle._args)
+        context: dict[str, Any] = {
+            "message": f"Exception in callback {source}",
+            "exception": exc,
+            "handle": handle,
+        }
+        if handle._source_traceback:
+            context["source_traceback"] = handle._source_traceback
+        self.call_exception_handler(context)
+
+    def _write_to_self(self) -> None:
+        # call_soon_threadsafe's wake-up: the poller's eventfd is drained inside the wait,
+        # so no callback has to run to empty a self-pipe.  (Signals still come through
+        # the self-pipe: signal.set_wakeup_fd needs a socket to write to.)
+        try:
+            self._poller.wake()
+        except (PollerClosedError, OSError):
+            pass  # closing or closed: nobody left to wake
+
+    # -- readers and writers ---------------------------------------------------------------
+
+    def _remove_reader(self, fd: FileLike) -> bool:
+        removed: bool = super()._remove_reader(fd)  # type: ignore[misc]
+        if self._selector is not None and self._selector._device:
+            self._drop_device_side(fd, EVENT_READ)
+        return removed
+
+    def _remove_writer(self, fd: FileLike) -> bool:
+        removed: bool = super()._remove_writer(fd)  # type: ignore[misc]
+        if self._selector is not None and self._selector._device:
+            self._drop_device_side(fd, EVENT_WRITE)
+        return removed
+
+    def _drop_device_side(self, fd: FileLike, direction: int) -> None:
+        selector: PollerSelector = self._selector  # type: ignore[assignment]
+        try:
+            key = selector.get_key(fd)
+        except (KeyError, ValueError):
+            return  # fully unregistered: the selector forgot the device flag too
+        if selector.is_device(key.fd):
+            selector.set_device(key.fd, direction, False)
+
+    # -- device API --------------------------------------------------------------------------
+
+    def add_device_reader(self, fd: FileLike, callback: Callable[..., object], *args: Any) -> None:
+        """Call ``callback(*args)`` whenever device ``fd`` is readable.
+
+        Like :meth:`add_reader`, but the fd is registered with O_ASYNC real-time signal
+        hints (its O_ASYNC and O_NONBLOCK flags are set until the last device callback on it
+        is removed), so a readiness edge the kernel signals before epoll sees it is still
+        delivered.  Meant for character devices (ttys, ptys, tun/tap), FIFOs and sockets
+        that back a guest's devices.  Raises OSError if the fd cannot deliver signals.
+        """
+        self._add_device(fd, EVENT_READ, callback, args)
+
+    def add_device_writer(self, fd: FileLike, callback: Callable[..., object], *args: Any) -> None:
+        """Call ``callback(*args)`` whenever device ``fd`` is writable (see add_device_reader)."""
+        self._add_device(fd, EVENT_WRITE, callback, args)
+
+    def remove_device_reader(self, fd: FileLike) -> bool:
+        """Stop watching device ``fd`` for reading; True if a callback was removed.
+
+        When no device callback is left on the fd, its original flags, signal and owner
+        are restored.
+        """
+        return self._remove_reader(fd)
+
+    def remove_device_writer(self, fd: FileLike) -> bool:
+        """Stop watching device ``fd`` for writing; True if a callback was removed."""
+        return self._remove_writer(fd)
+
+    def is_device(self, fd: FileLike) -> bool:
+        """Whether ``fd`` is currently registered with O_ASYNC signal hints."""
+        if self._selector is None:
+            return False
+        try:
+            return self._selector.is_device(fd)
+        except ValueError:
+            return False
+
+    def poller_counters(self) -> Counters:
+        """A snapshot of the loop's poller counters (wake-ups, signals, recovered edges...)."""
+        self._check_closed()
+        return self._poller.counters
+
+    @property
+    def poller_signal(self) -> int:
+        """The real-time signal that carries the device fds' readiness hints."""
+        return self._poller.signal
+
+    def _add_device(
+        self, fd: FileLike, direction: int, callback: Callable[..., object], args: tuple[Any, ...]
+    ) -> None:
+        self._check_closed()
+        self._ensure_fd_no_transport(fd)
+        self._check_thread_masks()
+        selector: PollerSelector = self._selector  # type: ignore[assignment]
+        add = self._add_reader if direction == EVENT_READ else self._add_writer
+        try:
+            selector.get_key(fd)
+        except KeyError:
+            registered = False
+        else:
+            registered = True
+            # Switch signals on before replacing any callback, so a refusal (a regular
+            # file, say) leaves the fd exactly as it was.
+            selector.set_device(fd, direction, True)
+        add(fd, callback, *args)
+        if not registered:
+            try:
+                selector.set_device(fd, direction, True)
+            except BaseException:
+                if direction == EVENT_READ:
+                    super()._remove_reader(fd)  # type: ignore[misc]
+                else:
+                    super()._remove_writer(fd)  # type: ignore[misc]
+                raise
+
+    def _check_thread_masks(self) -> None:
+        # Deferred from the poller's creation (see _new_poller): from here on signals
+        # really are sent, so a thread that would take them is worth a warning, once.
+        if self._masks_checked:
+            return
+        self._masks_checked = True
+        unblocked = threads_not_blocking(self._poller.signal, _SIGIO)
+        if unblocked:
+            warnings.warn(
+                SignalMaskWarning(
+                    f"threads {unblocked} do not block signal {self._poller.signal} and "
+                    "SIGIO; create the loop before starting threads, or block them with "
+                    "signal.pthread_sigmask in those threads"
+                ),
+                stacklevel=3,
+            )
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def add_signal_handler(
+        self, sig: int, callback: Callable[[Unpack[_Ts]], object], *args: Unpack[_Ts]
+    ) -> None:
+        """As :meth:`asyncio.AbstractEventLoop.add_signal_handler`.
+
+        The poller's own real-time signal and SIGIO (the kernel's RT-queue overflow
+        notice) are read through the poller's signalfd and cannot be handled here:
+        RuntimeError.
+        """
+        self._check_signal(sig)
+        if sig == self._poller.signal or sig == _SIGIO:
+            raise RuntimeError(
+                f"signal {sig} is used by the loop's poller for device readiness hints; "
+                "create the loop with another signal= to handle it"
+                if sig != _SIGIO
+                else "SIGIO is used by the loop's poller (RT signal queue overflow)"
+            )
+        super().add_signal_handler(sig, callback, *args)
+
+
+def new_event_loop() -> Loop:
+    """Return a new sigpoll event loop.  This factory is the primary entry point.
+
+    Use it with ``asyncio.Runner(loop_factory=sigpoll.new_event_loop)`` or
+    ``asyncio.run(main(), loop_factory=sigpoll.new_event_loop)`` (Python 3.12+), or
+    through :func:`run`.
+    """
+    return Loop()
+
+
+def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None) -> _T:
+    """Run coroutine ``main`` on a new sigpoll loop, like :func:`asyncio.run`, and return its result.
+
+    The loop is created by :func:`new_event_loop` and closed afterwards, together with
+    async generators and the default executor, exactly as asyncio.run does.
+    """
+    with asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
+        return runner.run(main)
+
+
+def _policy_base() -> Any:
+    # The Unix default policy minus its deprecation warning on 3.14+ (it is looked up by
+    # its private name there, and the public alias warns on access).
+    from asyncio import unix_events
+
+    for name in ("_UnixDefaultEventLoopPolicy", "_DefaultEventLoopPolicy"):
+        base = getattr(unix_events, name, None)
+        if base is not None:
+            return base
+    return _events.BaseDefaultEventLoopPolicy  # pragma: no cover
+
+
+class EventLoopPolicy(_policy_base()):  # type: ignore[misc]
+    """An asyncio event loop policy whose loops are sigpoll :class:`Loop` objects.
+
+    Policies are deprecated from Python 3.14 and go away in 3.16: prefer the factory,
+    :func:`new_event_loop` (``asyncio.Runner(loop_factory=...)``) or :func:`run`.  The
+    policy remains for code that calls ``asyncio.new_event_loop()`` or
+    ``asyncio.get_event_loop()`` on Python versions that still have policies.
+    """
+
+    def _loop_factory(self) -> Loop:
+        return Loop()
+
+    def __repr__(self) -> str:
+        return f"<sigpoll.EventLoopPolicy at {id(self):#x}>"
+
+
+def install() -> None:
+    """Make :class:`EventLoopPolicy` the current asyncio policy.
+
+    Deprecated along with policies from Python 3.14 (and warns there, as
+    ``asyncio.set_event_loop_policy`` does): use :func:`run` or
+    ``asyncio.Runner(loop_factory=sigpoll.new_event_loop)`` instead.
+    """
+    if sys.version_info >= (3, 14):
+        warnings.warn(
+            "sigpoll.install() relies on asyncio policies, deprecated since Python 3.14; "
+            "use sigpoll.run() or asyncio.Runner(loop_factory=sigpoll.new_event_loop)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    asyncio.set_event_loop_policy(EventLoopPolicy())
+

@@ -1,0 +1,545 @@
+"""sigpoll's asyncio loop and attach(): the parts CPython's own tests cannot know about."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import tty
+import warnings
+from collections.abc import Iterator
+
+import pytest
+
+import sigpoll
+from sigpoll._attach import AttachedPoller, attach
+from sigpoll._loop import EventLoopPolicy, Loop, install, new_event_loop, run
+
+__all__: list[str] = []
+
+pytestmark = pytest.mark.timeout(30)
+
+PUBLIC_NAMES = ("AttachedPoller", "EventLoopPolicy", "Loop", "attach", "install", "new_event_loop", "run")
+
+
+@pytest.fixture
+def loop() -> Iterator[Loop]:
+    lp = new_event_loop()
+    yield lp
+    if not lp.is_closed():
+        lp.run_until_complete(lp.shutdown_asyncgens())
+        lp.close()
+
+
+@pytest.fixture
+def pty_pair() -> Iterator[tuple[int, int]]:
+    """(master, slave) of a raw pty; the master is the "device" the loop watches."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    yield master, slave
+    for fd in (master, slave):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def fl(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+def poller_fds(lp: Loop) -> set[int]:
+    return set(lp._selector._fd_to_key)  # type: ignore[union-attr]
+
+
+# -- public surface --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PUBLIC_NAMES)
+def test_public_names_exported(name: str) -> None:
+    # The lead re-exports these from sigpoll/__init__.py.
+    assert hasattr(sigpoll, name), f"sigpoll.{name} is not exported"
+
+
+def test_new_event_loop_is_an_asyncio_loop(loop: Loop) -> None:
+    assert isinstance(loop, asyncio.AbstractEventLoop)
+    assert isinstance(loop, asyncio.SelectorEventLoop)
+    assert loop.run_until_complete(asyncio.sleep(0, "ok")) == "ok"
+
+
+def test_run_returns_result_and_closes_loop() -> None:
+    seen: list[asyncio.AbstractEventLoop] = []
+
+    async def main() -> int:
+        seen.append(asyncio.get_running_loop())
+        await asyncio.sleep(0.001)
+        return 42
+
+    assert run(main()) == 42
+    assert isinstance(seen[0], Loop)
+    assert seen[0].is_closed()
+
+
+def test_run_debug() -> None:
+    async def main() -> bool:
+        return asyncio.get_running_loop().get_debug()
+
+    assert run(main(), debug=True) is True
+    assert run(main(), debug=False) is False
+
+
+def test_runner_with_loop_factory() -> None:
+    async def main() -> type:
+        return type(asyncio.get_running_loop())
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        assert runner.run(main()) is Loop
+
+
+def test_policy_and_install() -> None:
+    try:
+        install()
+        policy = asyncio.get_event_loop_policy()
+        assert isinstance(policy, EventLoopPolicy)
+        lp = asyncio.new_event_loop()
+        try:
+            assert isinstance(lp, Loop)
+        finally:
+            lp.close()
+
+        async def main() -> type:
+            return type(asyncio.get_running_loop())
+
+        assert asyncio.run(main()) is Loop
+    finally:
+        asyncio.set_event_loop_policy(None)
+
+
+# -- every fd goes through the poller, ordinary ones without signals -------------------------------
+
+
+def test_sockets_are_in_the_poller_without_o_async(loop: Loop) -> None:
+    async def main() -> None:
+        received = asyncio.Event()
+
+        class Echo(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = transport
+
+            def data_received(self, data: bytes) -> None:
+                self.transport.write(data)  # type: ignore[attr-defined]
+                received.set()
+
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        await received.wait()
+        client_fd = writer.get_extra_info("socket").fileno()
+        listen_fd = server.sockets[0].fileno()
+        fds = poller_fds(loop)
+        assert client_fd in fds and listen_fd in fds
+        assert len(loop._poller) == len(fds)
+        for fd in (client_fd, listen_fd):
+            assert not fl(fd) & os.O_ASYNC
+            assert not loop.is_device(fd)
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+    loop.run_until_complete(main())
+
+
+def test_large_reads_are_chunked_like_asyncio(loop: Loop) -> None:
+    # The shared receive buffer must hand each data_received its own bytes object.
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+
+    async def main() -> None:
+        chunks: list[bytes] = []
+        done = loop.create_future()
+
+        class Sink(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                assert type(data) is bytes and len(data) <= 256 * 1024
+                chunks.append(data)
+
+            def eof_received(self) -> None:
+                done.set_result(None)
+
+        a, b = socket.socketpair()
+        b.setblocking(False)
+        await loop.connect_accepted_socket(Sink, a)
+        await loop.sock_sendall(b, payload)
+        b.shutdown(socket.SHUT_WR)
+        await done
+        assert b"".join(chunks) == payload
+        b.close()
+
+    loop.run_until_complete(main())
+
+
+def test_datagrams_and_pipes(loop: Loop) -> None:
+    async def main() -> None:
+        got = loop.create_future()
+
+        class Dgram(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: object) -> None:
+                got.set_result(data)
+
+        transport, _ = await loop.create_datagram_endpoint(Dgram, local_addr=("127.0.0.1", 0))
+        addr = transport.get_extra_info("sockname")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"x" * 60000, addr)
+        assert await got == b"x" * 60000
+        transport.close()
+
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import sys; sys.stdout.write('y' * 300000)",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        assert out == b"y" * 300000 and proc.returncode == 0
+
+    loop.run_until_complete(main())
+
+
+# -- the iteration step ------------------------------------------------------------------------
+
+
+def test_callback_exception_goes_to_handler(loop: Loop) -> None:
+    contexts: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda lp, ctx: contexts.append(ctx))
+
+    def boom() -> None:
+        raise ValueError("boom")
+
+    loop.call_soon(boom)
+    loop.call_later(0.001, boom)
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert len(contexts) == 2
+    for ctx in contexts:
+        assert isinstance(ctx["exception"], ValueError)
+        assert str(ctx["message"]).startswith("Exception in callback")
+        assert isinstance(ctx["handle"], asyncio.Handle)
+
+
+def test_call_order_and_timers(loop: Loop) -> None:
+    order: list[str] = []
+    loop.call_later(0.02, order.append, "late")
+    loop.call_later(0.01, order.append, "early")
+    h = loop.call_later(0.015, order.append, "cancelled")
+    loop.call_soon(order.append, "soon")
+    h.cancel()
+    start = loop.time()
+    loop.run_until_complete(asyncio.sleep(0.03))
+    assert order == ["soon", "early", "late"]
+    assert loop.time() - start >= 0.03
+
+
+def test_call_soon_threadsafe_wakes_a_sleeping_loop(loop: Loop) -> None:
+    fut = loop.create_future()
+
+    def from_thread() -> None:
+        time.sleep(0.05)
+        loop.call_soon_threadsafe(fut.set_result, threading.get_ident())
+
+    t = threading.Thread(target=from_thread)
+    start = time.monotonic()
+    t.start()
+    # Nothing else is scheduled, so the loop sleeps in poller.wait(None) until the wake.
+    assert loop.run_until_complete(fut) == t.ident
+    assert time.monotonic() - start < 5
+    t.join()
+
+
+def test_debug_mode_reports_slow_callbacks(loop: Loop, caplog: pytest.LogCaptureFixture) -> None:
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.01
+    loop.call_soon(time.sleep, 0.03)
+    with caplog.at_level("WARNING", logger="asyncio"):
+        loop.run_until_complete(asyncio.sleep(0.05))
+    assert any("took" in r.getMessage() for r in caplog.records)
+
+
+def test_loop_in_another_thread() -> None:
+    lp = new_event_loop()
+    result: list[object] = []
+
+    def body() -> None:
+        result.append(lp.run_until_complete(asyncio.sleep(0.01, "done")))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(10)
+    lp.close()
+    assert result == ["done"]
+
+
+# -- signals -------------------------------------------------------------------------------------
+
+
+def test_signal_handlers_coexist_with_poller_signal(loop: Loop, pty_pair: tuple[int, int]) -> None:
+    master, slave = pty_pair
+    with pytest.raises(RuntimeError, match="poller"):
+        loop.add_signal_handler(loop.poller_signal, lambda: None)
+    with pytest.raises(RuntimeError, match="SIGIO"):
+        loop.add_signal_handler(signal.SIGIO, lambda: None)
+
+    got_usr1 = loop.create_future()
+    loop.add_signal_handler(signal.SIGUSR1, got_usr1.set_result, "usr1")
+    data = bytearray()
+    enough = loop.create_future()
+
+    def on_device() -> None:
+        data.extend(os.read(master, 4096))
+        if len(data) >= 3 and not enough.done():
+            enough.set_result(None)
+
+    loop.add_device_reader(master, on_device)
+
+    async def main() -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.write(slave, b"abc")
+        assert await asyncio.wait_for(got_usr1, 5) == "usr1"
+        await asyncio.wait_for(enough, 5)
+
+    loop.run_until_complete(main())
+    assert bytes(data) == b"abc"
+    assert loop.poller_counters().signals >= 1
+    assert loop.remove_signal_handler(signal.SIGUSR1)
+    loop.remove_device_reader(master)
+
+
+# -- device API ----------------------------------------------------------------------------------
+
+
+def test_device_reader_sets_and_restores_o_async(loop: Loop, pty_pair: tuple[int, int]) -> None:
+    master, slave = pty_pair
+    before = fl(master)
+    chunks: list[bytes] = []
+    got = loop.create_future()
+
+    def on_read() -> None:
+        chunks.append(os.read(master, 4096))
+        if not got.done():
+            got.set_result(None)
+
+    loop.add_device_reader(master, on_read)
+    assert fl(master) & os.O_ASYNC and fl(master) & os.O_NONBLOCK
+    assert loop.is_device(master)
+    assert master in loop._poller
+    os.write(slave, b"hello")
+    loop.run_until_complete(asyncio.wait_for(got, 5))
+    assert b"".join(chunks) == b"hello"
+    counters = loop.poller_counters()
+    assert isinstance(counters, sigpoll.Counters)
+    assert counters.signals >= 1 and counters.wakeups >= 1
+    assert loop.remove_device_reader(master) is True
+    assert loop.remove_device_reader(master) is False
+    assert fl(master) == before
+    assert master not in loop._poller
+
+
+def test_device_writer(loop: Loop, pty_pair: tuple[int, int]) -> None:
+    master, slave = pty_pair
+    written = loop.create_future()
+
+    def on_writable() -> None:
+        os.write(master, b"out")
+        loop.remove_device_writer(master)
+        written.set_result(None)
+
+    loop.add_device_writer(master, on_writable)
+    loop.run_until_complete(asyncio.wait_for(written, 5))
+    assert os.read(slave, 100) == b"out"
+    assert not loop.is_device(master)
+    assert not fl(master) & os.O_ASYNC
+
+
+def test_device_side_added_to_plain_reader_keeps_it(loop: Loop, pty_pair: tuple[int, int]) -> None:
+    master, slave = pty_pair
+    reads = loop.create_future()
+    loop.add_reader(master, lambda: reads.done() or reads.set_result(os.read(master, 100)))
+    assert not fl(master) & os.O_ASYNC
+    loop.add_device_writer(master, lambda: loop.remove_device_writer(master))
+    assert fl(master) & os.O_ASYNC
+    os.write(slave, b"r")
+    assert loop.run_until_complete(asyncio.wait_for(reads, 5)) == b"r"
+    # The device writer removed itself: the fd is a plain reader again, without signals.
+    assert not loop.is_device(master)
+    assert not fl(master) & os.O_ASYNC
+    assert loop.remove_reader(master)
+
+
+def test_device_refused_for_regular_file(loop: Loop, tmp_path: pytest.TempPathFactory) -> None:
+    path = os.path.join(str(tmp_path), "f")
+    with open(path, "wb") as f:
+        with pytest.raises(OSError):
+            loop.add_device_reader(f.fileno(), lambda: None)
+        assert f.fileno() not in poller_fds(loop)
+
+
+def test_device_refused_on_fd_with_transport(loop: Loop) -> None:
+    async def main() -> None:
+        a, b = socket.socketpair()
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, a)
+        with pytest.raises(RuntimeError, match="transport"):
+            loop.add_device_reader(a.fileno(), lambda: None)
+        transport.close()
+        b.close()
+
+    loop.run_until_complete(main())
+
+
+def test_device_api_on_closed_loop() -> None:
+    lp = new_event_loop()
+    lp.close()
+    with pytest.raises(RuntimeError):
+        lp.add_device_reader(0, lambda: None)
+    with pytest.raises(RuntimeError):
+        lp.poller_counters()
+
+
+def test_thread_mask_warning_deferred_to_first_device(pty_pair: tuple[int, int]) -> None:
+    master, _ = pty_pair
+    stop = threading.Event()
+    # A thread that unblocks everything, started before the loop exists.
+    ready = threading.Event()
+
+    def unblocked() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        ready.set()
+        stop.wait(10)
+
+    t = threading.Thread(target=unblocked)
+    t.start()
+    ready.wait(5)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lp = new_event_loop()
+            assert not [w for w in caught if issubclass(w.category, sigpoll.SignalMaskWarning)]
+            lp.add_device_reader(master, lambda: None)
+            assert [w for w in caught if issubclass(w.category, sigpoll.SignalMaskWarning)]
+            lp.remove_device_reader(master)
+            lp.close()
+    finally:
+        stop.set()
+        t.join()
+
+
+# -- attach ----------------------------------------------------------------------------------------
+
+
+def _host_loops() -> list[str]:
+    names = ["asyncio", "sigpoll"]
+    try:
+        import uvloop  # noqa: F401
+
+        names.append("uvloop")
+    except ImportError:
+        pass
+    return names
+
+
+def _make_host(name: str) -> asyncio.AbstractEventLoop:
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    if name == "sigpoll":
+        return new_event_loop()
+    return asyncio.SelectorEventLoop()
+
+
+@pytest.mark.parametrize("host", _host_loops())
+def test_attach_device_reader_and_writer(host: str, pty_pair: tuple[int, int]) -> None:
+    master, slave = pty_pair
+    before = fl(master)
+    lp = _make_host(host)
+    # A signal of its own, so an attached poller on sigpoll's loop does not share hints.
+    sig = sigpoll.DEFAULT_SIGNAL + 1
+
+    async def main() -> None:
+        with attach(signal=sig) as ap:
+            assert isinstance(ap, AttachedPoller)
+            assert ap.loop is lp and ap.poller_signal == sig
+            got = lp.create_future()
+            wrote = lp.create_future()
+
+            def on_read(tag: str) -> None:
+                data = os.read(master, 100)
+                if not got.done():
+                    got.set_result((tag, data))
+
+            def on_write() -> None:
+                os.write(master, b"to-slave")
+                ap.remove_device_writer(master)
+                wrote.set_result(None)
+
+            ap.add_device_reader(master, on_read, "tag")
+            ap.add_device_writer(master, on_write)
+            assert fl(master) & os.O_ASYNC
+            await asyncio.wait_for(wrote, 5)
+            os.write(slave, b"from-slave")
+            assert await asyncio.wait_for(got, 5) == ("tag", b"from-slave")
+            assert os.read(slave, 100) == b"to-slave"
+            counters = ap.poller_counters()
+            assert counters.signals >= 1 and counters.wakeups >= 1
+            assert ap.remove_device_reader(master) is True
+            assert ap.remove_device_reader(master) is False
+            assert fl(master) == before
+        assert ap.closed
+
+    try:
+        lp.run_until_complete(main())
+    finally:
+        lp.close()
+
+
+def test_attach_callback_errors_reach_host_handler(pty_pair: tuple[int, int]) -> None:
+    master, slave = pty_pair
+    lp = asyncio.SelectorEventLoop()
+    contexts: list[dict[str, object]] = []
+    lp.set_exception_handler(lambda _lp, ctx: contexts.append(ctx))
+
+    async def main() -> None:
+        ap = attach(lp)
+        good = lp.create_future()
+
+        def bad() -> None:
+            os.read(master, 100)
+            raise ValueError("device callback")
+
+        ap.add_device_reader(master, bad)
+        os.write(slave, b"x")
+        for _ in range(200):
+            if contexts:
+                break
+            await asyncio.sleep(0.01)
+        ap.remove_device_reader(master)
+        good.set_result(None)
+        ap.close()
+        ap.close()  # idempotent
+
+    try:
+        lp.run_until_complete(main())
+    finally:
+        lp.close()
+    assert contexts and isinstance(contexts[0]["exception"], ValueError)
+
+
+def test_attach_close_after_host_closed() -> None:
+    lp = asyncio.SelectorEventLoop()
+    ap = attach(lp)
+    assert ap.fileno() in lp._selector.get_map()  # type: ignore[attr-defined]
+    lp.close()
+    ap.close()
+    assert ap.closed
