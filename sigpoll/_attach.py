@@ -14,7 +14,7 @@ import contextvars
 from collections.abc import Callable
 from typing import Any
 
-from ._poller import Counters, FileLike, Poller
+from ._poller import Counters, FileLike, Poller, register_device
 from ._signals import DEFAULT_SIGNAL
 
 __all__ = ["AttachedPoller", "attach"]
@@ -128,7 +128,7 @@ class AttachedPoller:
         if pair is None:
             pair = [None, None]
             pair[side] = cb
-            self._poller.register(fd, _mask(pair))
+            register_device(self._poller, fd, _mask(pair))
             self._callbacks[fd] = pair
             return
         old = pair[side]

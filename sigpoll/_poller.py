@@ -24,6 +24,7 @@ __all__ = [
     "Counters",
     "FileLike",
     "Poller",
+    "register_device",
 ]
 
 READABLE: int = select.EPOLLIN
@@ -334,3 +335,20 @@ def _check_events(events: int) -> int:
     if not isinstance(events, int) or events < 0 or events > 0xFFFFFFFF:
         raise ValueError(f"invalid events mask: {events!r}")
     return events
+
+
+def register_device(poller: Poller, fd: int, events: int) -> bool:
+    """Register a device fd with O_ASYNC hints where its driver can send them.
+
+    Returns True with signals on; False for an fd whose driver has no fasync (an eventfd, a
+    timerfd), which is then watched through epoll alone: such readiness reaches epoll
+    directly, with no signal-first ordering to race against.  Any other refusal is raised.
+    """
+    try:
+        poller.register(fd, events, signals=True)
+        return True
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+    poller.register(fd, events, signals=False)
+    return False

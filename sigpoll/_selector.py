@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from selectors import EVENT_READ, EVENT_WRITE, BaseSelector, SelectorKey
 from typing import Any
 
-from ._poller import FileLike, Poller
+from ._poller import FileLike, Poller, register_device
 
 __all__ = ["PollerSelector"]
 
@@ -88,6 +88,8 @@ class PollerSelector(BaseSelector):
         self._fd_to_key: dict[int, SelectorKey] = {}
         # fds registered with O_ASYNC signals, with the directions asked for as devices.
         self._device: dict[int, int] = {}
+        # Device fds whose driver has no fasync: watched through epoll alone.
+        self._no_async: set[int] = set()
         self._map: _KeyMap | None = _KeyMap(self)
         # Register ordinary fds with O_ASYNC signals too.  Off: bench/bench_loop.py turns
         # it on only to measure what a signal per readiness change costs a socket.
@@ -137,6 +139,7 @@ class PollerSelector(BaseSelector):
         if key is None:
             raise KeyError(f"{fileobj!r} is not registered")
         self._device.pop(fd, None)
+        self._no_async.discard(fd)
         try:
             self._poller.unregister(fd)
         except (KeyError, OSError):
@@ -215,7 +218,9 @@ class PollerSelector(BaseSelector):
 
         An fd with any device side is registered in the poller with O_ASYNC signals; when
         the last device side goes, it is re-registered without them (which also restores
-        its original file status flags, signal and owner).
+        its original file status flags, signal and owner).  An fd whose driver cannot send
+        O_ASYNC signals at all (an eventfd, a timerfd) is watched through epoll alone: its
+        readiness reaches epoll directly, with no signal-first ordering to race against.
         """
         fd = self._lookup_fd(fileobj)
         key = self._fd_to_key[fd]
@@ -225,7 +230,12 @@ class PollerSelector(BaseSelector):
             mask = _to_epoll(key.events)
             self._poller.unregister(fd)
             try:
-                self._poller.register(fd, mask, signals=bool(after))
+                if after and not register_device(self._poller, fd, mask):
+                    self._no_async.add(fd)
+                else:
+                    if not after:
+                        self._poller.register(fd, mask, signals=False)
+                    self._no_async.discard(fd)
             except BaseException:
                 # Not signal-capable (or gone): put the old registration back so the
                 # loop's callbacks keep working, then report the refusal.
@@ -242,4 +252,5 @@ class PollerSelector(BaseSelector):
 
     def is_device(self, fileobj: FileLike) -> bool:
         """Whether the fd is registered with O_ASYNC signals."""
-        return self._lookup_fd(fileobj) in self._device
+        fd = self._lookup_fd(fileobj)
+        return fd in self._device and fd not in self._no_async

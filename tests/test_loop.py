@@ -543,3 +543,38 @@ def test_attach_close_after_host_closed() -> None:
     lp.close()
     ap.close()
     assert ap.closed
+
+
+def test_device_reader_on_an_fd_without_fasync_uses_epoll_alone() -> None:
+    """An eventfd cannot carry O_ASYNC signals; as a device it is still watched (epoll)."""
+    import os
+
+    loop = sigpoll.new_event_loop()
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        fired = loop.create_future()
+        loop.add_device_reader(efd, lambda: fired.done() or fired.set_result(os.eventfd_read(efd)))
+        assert not loop._selector.is_device(efd)  # type: ignore[attr-defined]
+        loop.call_soon(os.eventfd_write, efd, 3)
+        assert loop.run_until_complete(asyncio.wait_for(fired, 5)) == 3
+        assert loop.remove_device_reader(efd)
+    finally:
+        os.close(efd)
+        loop.close()
+
+
+def test_attached_device_reader_on_an_fd_without_fasync() -> None:
+    import os
+
+    loop = asyncio.new_event_loop()
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        attached = attach(loop, signal=signal.SIGRTMIN + 9)
+        fired = loop.create_future()
+        attached.add_device_reader(efd, lambda: fired.done() or fired.set_result(os.eventfd_read(efd)))
+        loop.call_soon(os.eventfd_write, efd, 2)
+        assert loop.run_until_complete(asyncio.wait_for(fired, 5)) == 2
+        attached.close()
+    finally:
+        os.close(efd)
+        loop.close()
