@@ -28,6 +28,8 @@ import tty
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._transport import FlowControlledTransport
+
 __all__ = [
     "ConsoleProtocol",
     "ConsoleTransport",
@@ -272,7 +274,7 @@ class ConsoleProtocol(asyncio.Protocol):
         """The console's window size changed."""
 
 
-class ConsoleTransport(asyncio.Transport):
+class ConsoleTransport(FlowControlledTransport):
     """Bytes both ways over a tty/pty fd pair, with flow control in both directions.
 
     Reads are delivered with ``protocol.data_received``; a hang-up (EIO or EOF on a pty
@@ -296,17 +298,12 @@ class ConsoleTransport(asyncio.Transport):
         extra.setdefault("write_fd", read_fd if write_fd is None else write_fd)
         with contextlib.suppress(OSError):
             extra.setdefault("ttyname", os.ttyname(read_fd))
-        super().__init__(extra)
-        self._loop = loop
-        self._protocol = protocol
+        super().__init__(loop, protocol, extra)
         self._rfd = read_fd
         self._wfd = read_fd if write_fd is None else write_fd
         self._close_fds = close_fds
         self._buffer: collections.deque[memoryview] = collections.deque()
         self._buffered = 0
-        self._high = 64 * 1024
-        self._low = 16 * 1024
-        self._writing_paused = False
         self._reading = True
         self._writer_armed = False
         self._closing = False
@@ -432,44 +429,8 @@ class ConsoleTransport(asyncio.Transport):
                 self._force_close(None)
         self._maybe_resume()
 
-    def _maybe_pause(self) -> None:
-        if not self._writing_paused and self._buffered > self._high:
-            self._writing_paused = True
-            self._call_protocol("pause_writing")
-
-    def _maybe_resume(self) -> None:
-        if self._writing_paused and self._buffered <= self._low:
-            self._writing_paused = False
-            self._call_protocol("resume_writing")
-
-    def _call_protocol(self, name: str) -> None:
-        try:
-            getattr(self._protocol, name)()
-        except Exception as exc:  # a protocol bug must not break the transport's state
-            self._loop.call_exception_handler(
-                {"message": f"protocol.{name}() failed", "exception": exc,
-                 "transport": self, "protocol": self._protocol}
-            )
-
     def get_write_buffer_size(self) -> int:
         return self._buffered
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._low, self._high
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = 64 * 1024 if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high, self._low = high, low
-        self._maybe_pause()
-        self._maybe_resume()
-
-    def can_write_eof(self) -> bool:
-        return True
 
     def write_eof(self) -> None:
         """Flush what is buffered, then close (a tty has no half-close of its own)."""
@@ -531,12 +492,6 @@ class ConsoleTransport(asyncio.Transport):
                 for fd in {self._rfd, self._wfd}:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._protocol = protocol  # type: ignore[assignment]
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol
 
     # -- window size --
 

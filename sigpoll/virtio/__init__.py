@@ -1,0 +1,42 @@
+"""virtio devices for guests, served over vhost-user.
+
+:class:`VhostUserBackend` serves a device on a unix socket to one frontend after another
+(User-Mode Linux's ``virtio_uml``, QEMU, ...).  :class:`ConsoleDevice` is a virtio console
+with a console port and named ports; each port is a host-side asyncio transport
+(:class:`PortTransport`) with the interface of :class:`sigpoll.tty.ConsoleTransport`.
+
+    device = ConsoleDevice(["data"])
+    backend = VhostUserBackend(device)
+    reader, writer = await open_port(device.ports[1])
+    await backend.serve("/run/console.sock")
+
+The guest gets ``virtio_uml.device=/run/console.sock:3`` (UML) and the virtio_console driver.
+"""
+
+from ._backend import VhostUserBackend, VirtioDevice
+from ._console import (
+    ConsoleDevice,
+    ConsolePort,
+    ControlEvent,
+    PortTransport,
+    ResizeOrder,
+    open_port,
+)
+from ._vhost_user import ProtocolError
+from ._virtqueue import Chain, GuestMemory, MemoryFault, Virtqueue
+
+__all__ = [
+    "Chain",
+    "ConsoleDevice",
+    "ConsolePort",
+    "ControlEvent",
+    "GuestMemory",
+    "MemoryFault",
+    "PortTransport",
+    "ProtocolError",
+    "ResizeOrder",
+    "VhostUserBackend",
+    "VirtioDevice",
+    "Virtqueue",
+    "open_port",
+]

@@ -1,0 +1,282 @@
+"""A minimal vhost-user *frontend* and virtio *driver* in Python, for tests and benches.
+
+It plays the guest's side the way a VMM and guest driver do: guest memory is a memfd
+shared with the backend, kicks and calls are eventfds, and the driver side of each split
+ring (descriptor allocation, avail ring, reading the used ring) lives here.  Guest and user
+addresses deliberately differ (``user_base`` vs ``guest_base``), so a backend that
+translates one with the other's table is caught.
+
+Blocking and single-threaded: run it in a thread next to the backend's event loop.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from ._vhost_user import (
+    Feature,
+    MemoryRegion,
+    ProtocolFeature,
+    Request,
+    VringAddr,
+    HEADER,
+    decode_header,
+    encode_mem_table,
+    encode_message,
+    encode_u64,
+    encode_vring_addr,
+    encode_vring_state,
+)
+
+__all__ = ["DriverRing", "Frontend"]
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+
+
+@dataclass
+class DriverRing:
+    """The driver's side of one split ring in the frontend's memory."""
+
+    index: int
+    num: int
+    desc: int  # offsets into the memory buffer
+    avail: int
+    used: int
+    kick: int = -1
+    call: int = -1
+    avail_idx: int = 0
+    last_used: int = 0
+    free: list[int] = field(default_factory=list)
+    buffers: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # head -> [(off, len)]
+
+
+class Frontend:
+    """Connect to a backend and drive its rings like a guest would."""
+
+    def __init__(self, path: str, *, mem_size: int = 4 << 20, reply_ack: bool = True,
+                 guest_base: int = 0x40000000, user_base: int = 0x7F0000000000,
+                 features: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.mem_size = mem_size
+        self.memfd = os.memfd_create("guest-mem", os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, mem_size)
+        self.mem = mmap.mmap(self.memfd, mem_size)
+        self.guest_base, self.user_base = guest_base, user_base
+        self.want_reply_ack = reply_ack
+        self.reply_ack = False
+        self.features = 0
+        self.want_features = features
+        self._brk = 0x1000
+        self.rings: dict[int, DriverRing] = {}
+
+    # -- memory --
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        off = (self._brk + align - 1) & ~(align - 1)
+        if off + size > self.mem_size:
+            raise MemoryError("frontend memory exhausted")
+        self._brk = off + size
+        return off
+
+    def gpa(self, off: int) -> int:
+        return self.guest_base + off
+
+    def uva(self, off: int) -> int:
+        return self.user_base + off
+
+    # -- messages --
+
+    def send(self, request: int, payload: bytes = b"", fds: list[int] = (),  # type: ignore[assignment]
+             *, reply: bool = False, wait_ack: bool | None = None) -> bytes | None:
+        """Send a request; return the reply payload if one is expected."""
+        ack = self.reply_ack if wait_ack is None else wait_ack
+        need = ack and not reply
+        data = encode_message(request, payload, need_reply=need)
+        if fds:
+            socket.send_fds(self.sock, [data], list(fds))
+        else:
+            self.sock.sendall(data)
+        if reply or need:
+            return self._recv_reply(request, ack=not reply)
+        return None
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("backend closed the connection")
+            buf += chunk
+        return buf
+
+    def _recv_reply(self, request: int, ack: bool = False) -> bytes:
+        req, flags, size = decode_header(self._recv_exact(HEADER.size))
+        if req != request or not flags & 0x4:
+            raise ConnectionError(f"unexpected reply {req} flags {flags:#x} to {request}")
+        payload = self._recv_exact(size)
+        if ack and (size != 8 or struct.unpack("<Q", payload)[0]):
+            raise ConnectionError(f"backend reports failure for request {request}")
+        return payload
+
+    def handshake(self) -> None:
+        """SET_OWNER, feature and protocol-feature negotiation, memory table (UML's order)."""
+        self.send(Request.SET_OWNER)
+        offered = struct.unpack("<Q", self.send(Request.GET_FEATURES, reply=True))[0]  # type: ignore[arg-type]
+        proto = 0
+        if offered & Feature.PROTOCOL_FEATURES:
+            proto = struct.unpack("<Q", self.send(Request.GET_PROTOCOL_FEATURES, reply=True))[0]  # type: ignore[arg-type]
+            keep = ProtocolFeature.CONFIG | ProtocolFeature.MQ
+            if self.want_reply_ack:
+                keep |= ProtocolFeature.REPLY_ACK
+            proto &= keep
+            self.send(Request.SET_PROTOCOL_FEATURES, encode_u64(proto))
+            self.reply_ack = bool(proto & ProtocolFeature.REPLY_ACK)
+        want = offered if self.want_features is None else self.want_features & offered
+        self.features = want | (offered & Feature.PROTOCOL_FEATURES)
+        self.send(Request.SET_FEATURES, encode_u64(self.features))
+        region = MemoryRegion(self.guest_base, self.mem_size, self.user_base, 0)
+        self.send(Request.SET_MEM_TABLE, encode_mem_table([region]), [self.memfd])
+
+    # -- rings --
+
+    def setup_ring(self, index: int, num: int = 64, base: int = 0) -> DriverRing:
+        """Lay out ring ``index`` and send CALL, NUM, BASE, ADDR (not KICK/ENABLE yet)."""
+        desc = self.alloc(16 * num, 16)
+        avail = self.alloc(6 + 2 * num, 2)
+        used = self.alloc(6 + 8 * num, 4)
+        r = DriverRing(index, num, desc, avail, used, free=list(range(num)))
+        r.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        r.avail_idx = r.last_used = base
+        self.rings[index] = r
+        self.send(Request.SET_VRING_CALL, encode_u64(index), [r.call])
+        self.send(Request.SET_VRING_NUM, encode_vring_state(index, num))
+        self.send(Request.SET_VRING_BASE, encode_vring_state(index, base))
+        self.send(Request.SET_VRING_ADDR, encode_vring_addr(
+            VringAddr(index, 0, self.uva(desc), self.uva(used), self.uva(avail), 0)))
+        return r
+
+    def restart_ring(self, index: int, base: int) -> None:
+        """Re-describe a stopped ring in place (NUM, BASE, ADDR), continuing from ``base``."""
+        r = self.rings[index]
+        r.avail_idx = r.last_used = base
+        self.send(Request.SET_VRING_NUM, encode_vring_state(index, r.num))
+        self.send(Request.SET_VRING_BASE, encode_vring_state(index, base))
+        self.send(Request.SET_VRING_ADDR, encode_vring_addr(
+            VringAddr(index, 0, self.uva(r.desc), self.uva(r.used), self.uva(r.avail), 0)))
+
+    def set_kick(self, index: int) -> int:
+        r = self.rings[index]
+        if r.kick >= 0:
+            os.close(r.kick)
+        r.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.send(Request.SET_VRING_KICK, encode_u64(index), [r.kick])
+        return r.kick
+
+    def enable(self, index: int, on: bool = True) -> None:
+        self.send(Request.SET_VRING_ENABLE, encode_vring_state(index, int(on)))
+
+    def stop(self, index: int) -> int:
+        """GET_VRING_BASE: the backend stops the ring and tells where it stopped."""
+        payload = self.send(Request.GET_VRING_BASE, encode_vring_state(index, 0), reply=True)
+        assert payload is not None
+        return struct.unpack("<II", payload)[1]
+
+    def kick(self, index: int) -> None:
+        os.eventfd_write(self.rings[index].kick, 1)
+
+    def add(self, index: int, out: bytes = b"", in_len: int = 0) -> int:
+        """Make a chain available: ``out`` for the device to read, ``in_len`` to write."""
+        r = self.rings[index]
+        parts: list[tuple[int, int, int]] = []
+        if out:
+            off = self.alloc(len(out), 8)
+            self.mem[off : off + len(out)] = out
+            parts.append((off, len(out), 0))
+        if in_len:
+            parts.append((self.alloc(in_len, 8), in_len, 2))
+        if len(parts) > len(r.free):
+            raise RuntimeError("ring full")
+        ids = [r.free.pop() for _ in parts]
+        for i, (off, length, flags) in enumerate(parts):
+            nxt = ids[i + 1] if i + 1 < len(parts) else 0
+            _DESC.pack_into(self.mem, r.desc + 16 * ids[i], self.gpa(off), length, flags | (1 if i + 1 < len(parts) else 0), nxt)
+        head = ids[0]
+        r.buffers[head] = [(off, length) for off, length, _ in parts]
+        _U16.pack_into(self.mem, r.avail + 4 + 2 * (r.avail_idx % r.num), head)
+        r.avail_idx = (r.avail_idx + 1) & 0xFFFF
+        _U16.pack_into(self.mem, r.avail + 2, r.avail_idx)  # publish after the ring entry
+        return head
+
+    def used(self, index: int) -> list[tuple[int, int, bytes]]:
+        """Collect used chains: ``(head, len, bytes written into the writable part)``."""
+        r = self.rings[index]
+        out = []
+        idx = _U16.unpack_from(self.mem, r.used + 2)[0]
+        while r.last_used != idx:
+            head, length = struct.unpack_from("<II", self.mem, r.used + 4 + 8 * (r.last_used % r.num))
+            r.last_used = (r.last_used + 1) & 0xFFFF
+            parts = r.buffers.pop(head)
+            data = b""
+            if parts and length:
+                off, plen = parts[-1]
+                data = bytes(self.mem[off : off + min(length, plen)])
+            # give the descriptors back
+            n = len(parts)
+            i = head
+            for _ in range(n):
+                r.free.append(i)
+                i = _DESC.unpack_from(self.mem, r.desc + 16 * i)[3]
+            out.append((head, length, data))
+        if self.features & Feature.RING_EVENT_IDX:
+            # Like Linux: ask for an interrupt when the next entry is used.  (A fence is
+            # not needed for correctness here: wait_used() polls with a timeout.)
+            _U16.pack_into(self.mem, r.avail + 4 + 2 * r.num, r.last_used)
+        return out
+
+    def wait_call(self, index: int, timeout: float = 5.0) -> bool:
+        r = self.rings[index]
+        ready, _, _ = select.select([r.call], [], [], timeout)
+        if ready:
+            try:
+                os.eventfd_read(r.call)
+            except BlockingIOError:
+                pass
+            return True
+        return False
+
+    def wait_used(self, index: int, count: int = 1, timeout: float = 5.0) -> list[tuple[int, int, bytes]]:
+        """Wait until ``count`` chains come back on ring ``index``."""
+        got: list[tuple[int, int, bytes]] = []
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(got) < count:
+            got += self.used(index)
+            if len(got) >= count:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"ring {index}: {len(got)}/{count} chains back")
+            self.wait_call(index, min(left, 0.5))
+        return got
+
+    def reset_allocator(self, keep: int) -> None:
+        self._brk = keep
+
+    def close(self) -> None:
+        for r in self.rings.values():
+            for fd in (r.kick, r.call):
+                if fd >= 0:
+                    os.close(fd)
+        self.rings.clear()
+        self.sock.close()
+        self.mem.close()
+        os.close(self.memfd)

@@ -1,0 +1,137 @@
+"""A real guest on the virtio console: User-Mode Linux's virtio_uml as the frontend and the
+guest's own Linux virtio_console driver on top (Debian's user-mode-linux, kernel 6.1).
+
+Covers data both ways with checksums (hvc0 and two named ports), port names, the window
+size (initial and a resize, checking the RESIZE field order against this kernel), a
+second boot against the same running backend (a reboot), and the whole thing without
+REPLY_ACK, where UML sends the ring enables fire-and-forget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import textwrap
+from typing import Any
+
+import pytest
+
+from sigpoll import _uml
+from sigpoll.virtio import ConsoleDevice, ResizeOrder, VhostUserBackend, open_port
+
+try:
+    _uml.find_kernel()
+    _MODULES = _uml.modules_dir()
+    _VIRTIO_CONSOLE = os.path.join(_MODULES or "", "kernel/drivers/char/virtio_console.ko")
+    if not os.path.exists(_VIRTIO_CONSOLE):
+        raise _uml.UmlNotFound(f"UML's virtio_console module not found ({_VIRTIO_CONSOLE}); "
+                               f"install it with: {_uml.INSTALL_HINT}")
+except _uml.UmlNotFound as exc:  # pragma: no cover - on these machines UML is installed
+    pytestmark = pytest.mark.skip(reason=f"needs User-Mode Linux with virtio_console: {exc}")
+
+DATA_BYTES = 4 * 1024 * 1024
+
+INIT = textwrap.dedent(
+    """\
+    #!/bin/sh
+    mount -t proc proc /proc
+    mount -t sysfs sys /sys
+    # virtio_console has no module dependencies (modinfo: depends is empty)
+    insmod {module}
+    i=0
+    while [ ! -e /dev/vport0p2 ] || [ ! -e /dev/hvc0 ]; do
+        sleep 0.1; i=$((i + 1)); [ $i -gt 100 ] && break
+    done
+    exec </dev/hvc0 >/dev/hvc0 2>&1
+    stty -echo -onlcr
+    echo "@@NAMES $(cat /sys/class/virtio-ports/vport0p1/name) $(cat /sys/class/virtio-ports/vport0p2/name)@@"
+    echo "@@SIZE1 $(stty size)@@"
+    read -r line
+    echo "@@GOT $line@@"
+    cat {g2h} > /dev/vport0p1
+    echo "@@H2G $(head -c {nbytes} /dev/vport0p2 | sha256sum | cut -d' ' -f1)@@"
+    read -r line
+    echo "@@SIZE2 $(stty size)@@"
+    echo o > /proc/sysrq-trigger
+    sleep 30
+    """
+)
+
+
+async def _marker(reader: asyncio.StreamReader, name: str, timeout: float = 60) -> str:
+    await asyncio.wait_for(reader.readuntil(f"@@{name} ".encode()), timeout)
+    value = await asyncio.wait_for(reader.readuntil(b"@@"), timeout)
+    return value[:-2].decode().strip()
+
+
+async def _boot_once(device: ConsoleDevice, sock: str, init: str, g2h_data: bytes, tmp: str) -> None:
+    """One guest boot: checks every exchange of the init script."""
+    device.ports[0].resize(31, 97)  # the size persists across boots, like a terminal's
+    reader, writer = await open_port(device.ports[0], limit=1 << 20)
+    # Keep both writers referenced: a StreamWriter closes its transport when collected.
+    g2h_reader, g2h_writer = await open_port(device.ports[1], limit=1 << 20)
+    h2g_reader, h2g_writer = await open_port(device.ports[2])
+    h2g_data = os.urandom(DATA_BYTES)
+    cmd = _uml.kernel_command(init, console="null", extra=[f"virtio_uml.device={sock}:3"])
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            **_uml.spawn_kwargs(tmpdir=tmp))
+
+    async def h2g() -> None:
+        await device.ports[2].wait_guest_open()
+        h2g_writer.write(h2g_data)
+        await h2g_writer.drain()
+
+    feeder = asyncio.ensure_future(h2g())
+    try:
+        assert await _marker(reader, "NAMES") == "g2h h2g"
+        assert await _marker(reader, "SIZE1") == "31 97"  # rows cols, as the host set them
+        writer.write(b"hello from the host\n")
+        assert await _marker(reader, "GOT") == "hello from the host"
+        received = await asyncio.wait_for(g2h_reader.read(-1), 60)  # up to the guest's close
+        assert len(received) == len(g2h_data)
+        assert hashlib.sha256(received).digest() == hashlib.sha256(g2h_data).digest()
+        assert await _marker(reader, "H2G") == hashlib.sha256(h2g_data).hexdigest()
+        device.ports[0].resize(47, 151)
+        writer.write(b"go on\n")
+        assert await _marker(reader, "SIZE2") == "47 151"
+        assert await asyncio.to_thread(proc.wait, 60) == 0
+    finally:
+        feeder.cancel()
+        _uml.kill_group(proc)
+        for w in (writer, g2h_writer, h2g_writer):
+            w.close()
+
+
+def _setup(tmp_path: Any) -> tuple[str, str, bytes]:
+    g2h = tmp_path / "g2h.bin"
+    data = os.urandom(DATA_BYTES)
+    g2h.write_bytes(data)
+    init = tmp_path / "init.sh"
+    init.write_text(INIT.format(module=_VIRTIO_CONSOLE, g2h=g2h, nbytes=DATA_BYTES))
+    init.chmod(0o755)
+    return str(tmp_path / "vu.sock"), str(init), data
+
+
+@pytest.mark.parametrize("reply_ack", [True, False], ids=["reply-ack", "fire-and-forget"])
+def test_uml_guest_both_ways_names_resize_and_reboot(run: Any, tmp_path: Any, reply_ack: bool) -> None:
+    sock, init, g2h_data = _setup(tmp_path)
+
+    async def main() -> None:
+        # This kernel (6.1.176) reads RESIZE as the spec's (cols, rows); SIZE1/SIZE2 check it.
+        device = ConsoleDevice(["g2h", "h2g"], size=(31, 97), resize_order=ResizeOrder.COLS_ROWS)
+        backend = VhostUserBackend(device, reply_ack=reply_ack)
+        backend.listen(sock)
+        server = asyncio.ensure_future(backend.serve())
+        try:
+            boots = 2 if reply_ack else 1  # the reboot: a second guest, same backend
+            for _ in range(boots):
+                await _boot_once(device, sock, init, g2h_data, str(tmp_path))
+            await asyncio.sleep(0.2)
+            assert backend.sessions == boots and not backend.dropped
+        finally:
+            server.cancel()
+            await asyncio.gather(server, return_exceptions=True)
+
+    run(main(), timeout=150)
