@@ -75,9 +75,9 @@ def _fd_of(fileobj: FileLike) -> int:
         try:
             fd = int(fileobj.fileno())
         except (AttributeError, TypeError, ValueError):
-            raise ValueError(f"invalid file object: {fileobj!r}") from None
+            raise ValueError(f"Invalid file object: {fileobj!r}") from None
     if fd < 0:
-        raise ValueError(f"invalid file descriptor: {fd}")
+        raise ValueError(f"Invalid file descriptor: {fd}")
     return fd
 
 

@@ -18,6 +18,7 @@ from selectors import EVENT_READ, EVENT_WRITE, BaseSelector, SelectorKey
 from typing import Any
 
 from ._poller import FileLike, Poller, register_device
+from ._poller import _fd_of as _fileobj_to_fd
 
 __all__ = ["PollerSelector"]
 
@@ -27,19 +28,6 @@ _EPOLLOUT = select.EPOLLOUT
 # reader: both sides must see an error or hang-up so they can read/send and get the errno.
 _NOT_IN = ~_EPOLLIN
 _NOT_OUT = ~_EPOLLOUT
-
-
-def _fileobj_to_fd(fileobj: FileLike) -> int:
-    if isinstance(fileobj, int):
-        fd = fileobj
-    else:
-        try:
-            fd = int(fileobj.fileno())
-        except (AttributeError, TypeError, ValueError):
-            raise ValueError(f"Invalid file object: {fileobj!r}") from None
-    if fd < 0:
-        raise ValueError(f"Invalid file descriptor: {fd}")
-    return fd
 
 
 def _to_epoll(events: int) -> int:
