@@ -10,6 +10,7 @@ import asyncio
 import errno
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,15 @@ def test_client_keeps_tag_until_rflush_and_honours_late_reply(run, export: Path)
     run(body())
 
 
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` on the loop until it holds (fails the test after ``timeout``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
 def test_client_cancel_against_diod(run, export: Path) -> None:
     """diod is stopped (SIGSTOP) while a request and then its Tflush are sent; once it
     runs again, whichever outcome flush(5) allows must come out right: no reply and
@@ -290,11 +300,12 @@ def test_client_cancel_against_diod(run, export: Path) -> None:
                 os.kill(diod.proc.pid, signal.SIGSTOP)
                 try:
                     task = asyncio.ensure_future(client.rpc(c.Twalk(0, 50 + i, ["file"])))
-                    await asyncio.sleep(0.05)
+                    await _until(lambda: len(client._slots) == 1)  # the Twalk is out
                     task.cancel()
-                    await asyncio.sleep(0.05)
+                    # Waiting on a loaded machine, not sleeping a fixed time: the Tflush
+                    # goes out on the next loop iteration, whenever that comes.
+                    await _until(lambda: len(client._slots) == 2)
                     assert not task.done()  # waiting for the Rflush, tag still held
-                    assert len(client._slots) == 2
                 finally:
                     os.kill(diod.proc.pid, signal.SIGCONT)
                 try:
