@@ -202,6 +202,31 @@ class Writer(abc.ABC):
     def _deadline(self) -> float:
         return math.inf if self.seconds is None else self.stats.started + self.seconds
 
+    def _write_burst(self, deadline: float) -> bool:
+        """Write until EAGAIN (True: wait for writability and come back) or until the
+        source, the time or the run is over (False: stop)."""
+        st = self.stats
+        src = self._source
+        while True:
+            view = src.pending()
+            if view is None:
+                return False
+            try:
+                n = os.write(self.fd, view)
+            except BlockingIOError:
+                n = 0
+            if n <= 0:
+                st.eagains += 1
+                return True
+            now = time.monotonic()
+            src.advance(n)
+            st.bytes += n
+            st.writes += 1
+            st.last_write = now
+            st.ends_with_newline = view[n - 1] == 0x0A
+            if now >= deadline or self._stopping:
+                return False
+
 
 class PollerWriter(Writer):
     """The sigpoll and naive modes: a :class:`sigpoll.Poller`, WRITABLE, edge-triggered."""
@@ -225,33 +250,13 @@ class PollerWriter(Writer):
     def _run(self) -> None:
         poller = self._poller
         assert poller is not None, "prepare() first"
-        fd = self.fd
         st = self.stats
-        src = self._source
         st.begin()
         deadline = self._deadline()
         while not self._stopping:
             # Edge-triggered: the next edge only comes after EAGAIN, so write until then.
-            while True:
-                view = src.pending()
-                if view is None:
-                    return
-                try:
-                    n = os.write(fd, view)
-                except BlockingIOError:
-                    st.eagains += 1
-                    break
-                if n <= 0:
-                    st.eagains += 1
-                    break
-                now = time.monotonic()
-                src.advance(n)
-                st.bytes += n
-                st.writes += 1
-                st.last_write = now
-                st.ends_with_newline = view[n - 1] == 0x0A
-                if now >= deadline or self._stopping:
-                    return
+            if not self._write_burst(deadline):
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -326,34 +331,14 @@ class LoopWriter(Writer):
     def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
         fd = self.fd
         st = self.stats
-        src = self._source
         st.begin()
         deadline = self._deadline()
 
         def on_writable() -> None:
             try:
-                while True:
-                    view = src.pending()
-                    if view is None:
-                        loop.stop()
-                        return
-                    try:
-                        n = os.write(fd, view)
-                    except BlockingIOError:
-                        st.eagains += 1
-                        return
-                    if n <= 0:
-                        st.eagains += 1
-                        return
-                    now = time.monotonic()
-                    src.advance(n)
-                    st.bytes += n
-                    st.writes += 1
-                    st.last_write = now
-                    st.ends_with_newline = view[n - 1] == 0x0A
-                    if now >= deadline:
-                        loop.stop()
-                        return
+                if not self._write_burst(deadline):
+                    loop.stop()
+                    return
             except OSError as exc:
                 # The loop would only log this; the summary should show it.
                 self.error = f"{type(exc).__name__}: {exc}"
