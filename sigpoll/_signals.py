@@ -26,7 +26,7 @@ def check_signal_free(signo: int) -> None:
             f"(choose one from {int(signal.SIGRTMIN)} to {int(signal.SIGRTMAX)})"
         )
     handler = signal.getsignal(signo)
-    if handler is None or (handler is not signal.SIG_DFL and handler is not signal.Handlers.SIG_DFL):
+    if handler is not signal.SIG_DFL:  # None too: a handler installed outside Python
         raise ValueError(
             f"signal {signo} already has a handler ({handler!r}); "
             "pass another real-time signal as Poller(signal=...)"
