@@ -4,7 +4,7 @@ The public surface is re-exported here; everything else lives in private modules
 """
 
 from ._attach import AttachedPoller, attach
-from ._errors import PollerClosedError, SignalMaskWarning
+from ._errors import PollerClosedError, SignalMaskWarning, WriteBufferFullError
 from ._loop import EventLoopPolicy, Loop, install, new_event_loop, run
 from ._poller import ERROR, HANGUP, READABLE, WRITABLE, Counters, FileLike, Poller
 from ._signals import DEFAULT_SIGNAL, threads_not_blocking
@@ -23,6 +23,7 @@ __all__ = [
     "Poller",
     "PollerClosedError",
     "SignalMaskWarning",
+    "WriteBufferFullError",
     "attach",
     "install",
     "new_event_loop",

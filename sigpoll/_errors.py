@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PollerClosedError", "SignalMaskWarning"]
+__all__ = ["PollerClosedError", "SignalMaskWarning", "WriteBufferFullError"]
 
 
 class PollerClosedError(RuntimeError):
@@ -20,4 +20,14 @@ class SignalMaskWarning(RuntimeWarning):
     Signals aimed at the polling thread are unaffected, but a process-directed copy could
     be taken by that thread (whose default action for an unhandled real-time signal is to
     terminate the process), or an RT signal meant as a hint may be lost.
+    """
+
+
+class WriteBufferFullError(BufferError):
+    """A write would queue more output than the transport's ``max_write_buffer`` allows.
+
+    The write is refused whole: none of its bytes were sent or queued, and what was queued
+    before is untouched. Writers that wait for ``drain()`` (or honour ``pause_writing``)
+    never see this; it stops one that ignores flow control from growing memory without
+    bound, for example while the peer has stopped reading.
     """

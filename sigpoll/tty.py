@@ -379,6 +379,7 @@ class ConsoleTransport(FlowControlledTransport):
             return  # like asyncio's transports: writes after close are dropped silently
         if not data:
             return
+        self._check_room(len(data))
         if not self._buffer:
             # Fast path: try the write now; buffer only what the tty refuses.
             try:

@@ -26,6 +26,7 @@ EXPECTED_TOP_LEVEL = {
     "Poller",
     "PollerClosedError",
     "SignalMaskWarning",
+    "WriteBufferFullError",
     "threads_not_blocking",
 }
 

@@ -123,6 +123,40 @@ def test_write_flow_control_pauses_and_resumes(run: Any) -> None:
     run(main())
 
 
+def test_queued_output_is_capped_and_a_refused_write_loses_nothing(run: Any) -> None:
+    """A writer that ignores pause_writing meets a clear error, not unbounded memory."""
+    import sigpoll
+
+    async def main() -> None:
+        master, path = stty.open_pty()
+        guest = Guest(path)
+        transport, _ = await stty.connect_console(stty.ConsoleProtocol, master)
+        assert transport.get_max_write_buffer() == 16 * 1024 * 1024
+        with pytest.raises(ValueError, match="high-water"):
+            transport.set_max_write_buffer(1024)
+        transport.set_max_write_buffer(256 * 1024)
+        accepted = bytearray()
+        chunk = os.urandom(40_000)
+        with pytest.raises(sigpoll.WriteBufferFullError, match="max_write_buffer of 262144"):
+            for _ in range(100):  # the guest reads nothing, so the queue only grows
+                transport.write(chunk)
+                accepted += chunk
+        queued = transport.get_write_buffer_size()
+        assert 0 < queued <= 256 * 1024 and len(accepted) > queued
+        with pytest.raises(sigpoll.WriteBufferFullError):
+            transport.write(b"x" * (256 * 1024 + 1))  # refused whole, even with room for part
+        assert transport.get_write_buffer_size() == queued
+        receiver, got = guest.receive(len(accepted))
+        await asyncio.to_thread(receiver.join, 30)
+        assert bytes(got) == bytes(accepted)  # every accepted byte, once, in order
+        transport.set_max_write_buffer(None)
+        transport.write(b"after")
+        transport.close()
+        guest.close()
+
+    run(main())
+
+
 def test_read_backpressure_stops_reading(run: Any) -> None:
     async def main() -> None:
         master, path = stty.open_pty()
