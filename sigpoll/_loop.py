@@ -196,9 +196,11 @@ class Loop(asyncio.SelectorEventLoop):
         _debug: bool
         _closed: bool
         _clock_resolution: float
+        _csock: socket.socket
 
         def _check_closed(self) -> None: ...
         def _check_signal(self, sig: int) -> None: ...
+        def _handle_signal(self, sig: int) -> None: ...
         def _ensure_fd_no_transport(self, fd: FileLike) -> None: ...
         def _add_reader(self, fd: FileLike, callback: Callable[..., object], *args: Any) -> asyncio.Handle: ...
         def _add_writer(self, fd: FileLike, callback: Callable[..., object], *args: Any) -> asyncio.Handle: ...
@@ -213,6 +215,8 @@ class Loop(asyncio.SelectorEventLoop):
         self._masks_checked = False
         # One receive buffer for every transport of this loop (see _SocketTransport).
         self._rbuf = memoryview(bytearray(_RECV_SIZE))
+        # Signal numbers whose Python-level handler ran since the self-pipe was last drained.
+        self._signals_seen: set[int] = set()
         super().__init__(selector)
 
     # -- transports --------------------------------------------------------------------------
@@ -545,6 +549,29 @@ class Loop(asyncio.SelectorEventLoop):
                 else "SIGIO is used by the loop's poller (RT signal queue overflow)"
             )
         super().add_signal_handler(sig, callback, *args)
+        # Stock asyncio dispatches on the signal numbers written into its self-pipe, so a
+        # burst of one signal that fills the pipe drops the byte of any other signal that
+        # follows, and that handler never runs.  Here the byte is only a wake-up: the
+        # Python-level handler records the number in a set (coalescing, as the kernel does
+        # for standard signals) and the loop dispatches from the set once the pipe is
+        # drained.  A full pipe already means a wake-up is pending, hence no warning.
+        _signal.signal(sig, self._note_signal)
+        _signal.set_wakeup_fd(self._csock.fileno(), warn_on_full_buffer=False)
+
+    def _note_signal(self, signum: int, frame: object) -> None:
+        self._signals_seen.add(signum)
+
+    def _process_self_data(self, data: bytes) -> None:
+        pass  # the bytes only woke the loop; _read_from_self dispatches from _signals_seen
+
+    def _read_from_self(self) -> None:
+        super()._read_from_self()  # type: ignore[misc]
+        if self._signals_seen:
+            # Swap first: a signal that lands during dispatch goes into the new set, and its
+            # byte (or the still-full pipe) wakes the loop again.
+            seen, self._signals_seen = self._signals_seen, set()
+            for signum in sorted(seen):
+                self._handle_signal(signum)
 
 
 def new_event_loop() -> Loop:
