@@ -1,7 +1,7 @@
 """``python -m sigpoll.console``: attach your terminal to a console, interactively.
 
-    python -m sigpoll.console attach PATH [--escape ^]] [--log FILE]
-    python -m sigpoll.console run [--escape ^]] [--log FILE] -- COMMAND [ARGS...]
+    python -m sigpoll.console attach PATH [--escape ^]] [--log FILE] [--raw]
+    python -m sigpoll.console run [--escape ^]] [--log FILE] [--raw] -- COMMAND [ARGS...]
 
 ``attach`` connects the terminal to a tty device or pty slave PATH (a guest's console).
 ``run`` starts COMMAND on a new pty, as its controlling terminal, and attaches to it; the
@@ -9,6 +9,12 @@ command's exit status becomes ours.  In both, the escape character (Ctrl-] by de
 ``virsh console``) detaches: the terminal is restored and the command ends; after ``run``
 the program sees its terminal hang up.  The terminal is also restored on SIGTERM, SIGHUP
 and errors.  Window size changes of your terminal are passed on to the console.
+
+What the console prints reaches your terminal through :class:`~sigpoll._termfilter.
+TerminalFilter`: control sequences that would write your clipboard, change fonts or colours,
+move the window or make the terminal type back are dropped, and the modes a guest may leave
+set are reset on detach.  ``--raw`` passes every byte through unchanged (the log always gets
+the raw bytes).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from . import tty as stty
+from ._termfilter import RESET_SEQUENCE, TerminalFilter
 
 __all__ = ["Bridge", "main", "parse_escape"]
 
@@ -80,11 +87,16 @@ class _Side(stty.ConsoleProtocol):
 
 
 class Bridge:
-    """Joins the user's terminal and a console fd; the escape byte detaches."""
+    """Joins the user's terminal and a console fd; the escape byte detaches.
 
-    def __init__(self, escape: int, log: BinaryIO | None = None) -> None:
+    Console output is filtered for the terminal (see :mod:`sigpoll._termfilter`) unless
+    ``raw``; ``log`` receives it unfiltered.
+    """
+
+    def __init__(self, escape: int, log: BinaryIO | None = None, *, raw: bool = False) -> None:
         self.escape = escape
         self.log = log
+        self.filter: TerminalFilter | None = None if raw else TerminalFilter()
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.terminal = _Side(self, "terminal")
         self.console = _Side(self, "console")
@@ -101,11 +113,22 @@ class Bridge:
                     self.console.transport.write(data)
                 self.finish("detached")
                 return
-        elif self.log is not None:
-            self.log.write(data)
+        else:
+            if self.log is not None:
+                self.log.write(data)
+            if self.filter is not None:
+                data = self.filter.feed(data)
         target = self.peer_of(name).transport
         if target is not None:
             target.write(data)
+
+    def dropped(self) -> str:
+        """A summary of what the filter kept from the terminal, or "" if nothing."""
+        counts = self.filter.counts if self.filter is not None else None
+        if counts is None:
+            return ""
+        parts = [f"{n} {k}" for k in ("osc", "strings", "csi", "c1") if (n := getattr(counts, k))]
+        return f"kept {', '.join(parts)} control sequence(s) from the terminal (--raw passes them)" if parts else ""
 
     def finish(self, reason: str) -> None:
         if not self.done.done():
@@ -138,6 +161,8 @@ class Bridge:
             if stop_resize is not None:
                 stop_resize()
             if self.terminal.transport is not None:
+                if self.filter is not None and os.isatty(1):
+                    self.terminal.transport.write(RESET_SEQUENCE)
                 self.terminal.transport.close()
             if self.console.transport is not None:
                 if close_console or not isinstance(console, stty.ConsoleTransport):
@@ -160,20 +185,27 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return factory() if factory is not None else asyncio.new_event_loop()
 
 
-async def _attach(path: str, escape: int, log: BinaryIO | None) -> int:
+async def _attach(path: str, escape: int, log: BinaryIO | None, raw: bool) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         _say(f"cannot open {path}: {exc.strerror}")
         return 1
     _say(f"attached to {path} (pid {os.getpid()}); escape is {_show(escape)}")
+    bridge = Bridge(escape, log, raw=raw)
     with stty.raw_mode(0):
-        reason = await Bridge(escape, log).run(fd, close_console=True)
+        reason = await bridge.run(fd, close_console=True)
+    _report_dropped(bridge)
     _say(reason)
     return 0
 
 
-async def _run(argv: Sequence[str], escape: int, log: BinaryIO | None) -> int:
+def _report_dropped(bridge: Bridge) -> None:
+    if summary := bridge.dropped():
+        _say(summary)
+
+
+async def _run(argv: Sequence[str], escape: int, log: BinaryIO | None, raw: bool) -> int:
     rows = cols = None
     with contextlib.suppress(OSError):
         rows, cols = stty.get_winsize(0)
@@ -191,8 +223,10 @@ async def _run(argv: Sequence[str], escape: int, log: BinaryIO | None) -> int:
         _say(f"cannot run {argv[0]}: {exc.strerror}")
         return 127
     _say(f"running {' '.join(argv)} on {path} (pid {os.getpid()}); escape is {_show(escape)}")
+    bridge = Bridge(escape, log, raw=raw)
     with stty.raw_mode(0):
-        reason = await Bridge(escape, log).run(master, close_console=True)
+        reason = await bridge.run(master, close_console=True)
+    _report_dropped(bridge)
     try:
         code = proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
@@ -240,6 +274,11 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--escape", default="^]", help="detach character (default ^])")
         p.add_argument("--log", help="also write everything the console prints to this file")
+        p.add_argument(
+            "--raw", action="store_true",
+            help="pass every control sequence to your terminal (default: drop those that "
+            "write the clipboard, change fonts/colours/window, or make the terminal type back)",
+        )
         if name == "attach":
             p.add_argument("path", help="tty device or pty slave, e.g. /dev/pts/3")
         else:
@@ -273,8 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     loop = _new_loop()
     try:
         if args.command == "attach":
-            return loop.run_until_complete(_attach(args.path, escape, log))
-        return loop.run_until_complete(_run(command, escape, log))
+            return loop.run_until_complete(_attach(args.path, escape, log, args.raw))
+        return loop.run_until_complete(_run(command, escape, log, args.raw))
     except KeyboardInterrupt:
         return 130
     finally:
