@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 import pytest
@@ -127,3 +128,73 @@ def test_xxd_of_64_mib_over_the_console(run: Any) -> None:
     assert status == 0
     assert count == size // 16 * 68
     assert digest == expected.hexdigest()
+
+
+def _guest_dirs() -> set[str]:
+    tmp = tempfile.gettempdir()
+    return {name for name in os.listdir(tmp) if name.startswith("sigpoll-guest-")}
+
+
+def test_virtio_port_moves_64_mib_both_ways_and_leaves_nothing_behind(run: Any, tmp_path: Any) -> None:
+    size = 64 * 1024 * 1024
+    up = os.urandom(size)  # guest -> host
+    down = os.urandom(size)  # host -> guest
+    named = str(tmp_path / "named.sock")
+    before = (_guest_dirs(), _uml._descendants(os.getpid()))
+
+    async def main() -> tuple[int, str, str]:
+        g = Guest(ports=["data", f"named=unix:{named}"])
+        async with g:
+            pid, tmp = g.pid, g.tmpdir
+            assert pid is not None and tmp is not None
+            default = g.port_path("data")
+            assert default.startswith(tmp) and os.path.exists(default) and g.port_path("named") == named
+            # guest -> host: the guest reads the data from its private directory
+            with open(os.path.join(tmp, "up.bin"), "wb") as f:
+                f.write(up)
+            reader, writer = await g.open_port("data")
+            cat = asyncio.ensure_future(g.run("cat /run/sigpoll/up.bin > /dev/virtio-ports/data"))
+            got = hashlib.sha256()
+            count = 0
+            while chunk := await reader.read(1 << 20):  # up to the guest's close
+                got.update(chunk)
+                count += len(chunk)
+            assert (await cat).status == 0
+            assert count == size and got.digest() == hashlib.sha256(up).digest()
+            writer.close()
+            # host -> guest, on the other port (and its own socket path)
+            reader, writer = await g.open_port("named")
+            head = asyncio.ensure_future(g.run(f"head -c {size} /dev/virtio-ports/named | sha256sum"))
+            writer.write(down)
+            await writer.drain()
+            result = await head
+            assert result.status == 0
+            assert result.output.split()[0].decode() == hashlib.sha256(down).hexdigest()
+            assert await reader.read() == b""  # the guest's close ends the stream
+            writer.close()
+        return pid, tmp, default
+
+    pid, tmp, default = run(main(), timeout=110)
+    assert not _alive(pid), "a process of the guest survived"
+    assert not os.path.exists(tmp) and not os.path.exists(default) and not os.path.exists(named)
+    assert _guest_dirs() <= before[0], "a temporary directory survived"
+    assert _uml._descendants(os.getpid()) <= before[1], "a child process survived"
+
+
+def test_cli_port_option_shows_the_socket_and_removes_it(tmp_path: Any) -> None:
+    named = tmp_path / "d.sock"
+    out = subprocess.run(
+        [sys.executable, "-m", "sigpoll.guest", "run", "--port", f"data=unix:{named}", "--port", "other",
+         "--", "sh", "-c", "test -c /dev/virtio-ports/data && readlink /dev/virtio-ports/other"],
+        capture_output=True, text=True, timeout=100,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "../vport0p2\n"
+    assert f"port data: host unix:{named} <-> guest /dev/virtio-ports/data" in out.stderr
+    assert "port other: host unix:/" in out.stderr
+    assert not named.exists()
+    bad = subprocess.run(
+        [sys.executable, "-m", "sigpoll.guest", "run", "--port", "a/b", "--", "true"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert bad.returncode == 2 and "port name" in bad.stderr and "Traceback" not in bad.stderr

@@ -4,7 +4,9 @@ guest's own Linux virtio_console driver on top (Debian's user-mode-linux, kernel
 Covers data both ways with checksums (hvc0 and two named ports), port names, the window
 size (initial and a resize, checking the RESIZE field order against this kernel), a
 second boot against the same running backend (a reboot), and the whole thing without
-REPLY_ACK, where UML sends the ring enables fire-and-forget.
+REPLY_ACK, where UML sends the ring enables fire-and-forget.  Then 9P on a port: the
+guest's v9fs mounts sigpoll's 9P server through the port (by way of the guest-side relay,
+since trans=fd refuses port devices), twice in a row.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shlex
 import subprocess
 import textwrap
 from typing import Any
@@ -19,7 +22,8 @@ from typing import Any
 import pytest
 
 from sigpoll import _uml
-from sigpoll.virtio import ConsoleDevice, ResizeOrder, VhostUserBackend, open_port
+from sigpoll.ninep import NinepServer
+from sigpoll.virtio import ConsoleDevice, ResizeOrder, VhostUserBackend, ninep_mount_command, open_port, serve_ninep
 
 try:
     _uml.find_kernel()
@@ -135,3 +139,77 @@ def test_uml_guest_both_ways_names_resize_and_reboot(run: Any, tmp_path: Any, re
             await asyncio.gather(server, return_exceptions=True)
 
     run(main(), timeout=150)
+
+
+NINEP_INIT = textwrap.dedent(
+    """\
+    #!/bin/sh
+    mount -t proc proc /proc
+    mount -t sysfs sys /sys
+    insmod {module}
+    for m in fs/netfs/netfs.ko fs/fscache/fscache.ko net/9p/9pnet.ko net/9p/9pnet_fd.ko fs/9p/9p.ko; do
+        insmod {modules}/kernel/$m
+    done
+    i=0
+    while [ ! -e /dev/vport0p1 ] || [ ! -e /dev/hvc0 ]; do
+        sleep 0.1; i=$((i + 1)); [ $i -gt 100 ] && break
+    done
+    exec </dev/hvc0 >/dev/hvc0 2>&1
+    stty -echo -onlcr
+    mount -t tmpfs tmpfs /tmp && mkdir /tmp/m
+    {mount}; echo "@@MOUNT $?@@"
+    echo "@@READ $(sha256sum < /tmp/m/in.bin | cut -d' ' -f1)@@"
+    cat /tmp/m/in.bin > /tmp/m/sub/out.bin; echo "@@WROTE $?@@"
+    umount /tmp/m; echo "@@UMOUNT $?@@"
+    {mount}; echo "@@MOUNT2 $?@@"
+    echo "@@LS $(ls /tmp/m/sub)@@"
+    umount /tmp/m
+    sleep 0.5
+    echo "@@RELAYS $(ps ax -o args | grep -c '^[^ ]*python[^ ]* -I -S .*_fd_relay')@@"
+    echo o > /proc/sysrq-trigger
+    sleep 30
+    """
+)
+
+
+def test_uml_guest_mounts_9p_over_a_port(run: Any, tmp_path: Any) -> None:
+    export = tmp_path / "export"
+    (export / "sub").mkdir(parents=True)
+    data = os.urandom(3 * 1024 * 1024 + 123)  # far past the 4 KiB a serial line hangs on
+    (export / "in.bin").write_bytes(data)
+    init = tmp_path / "init.sh"
+    mount = shlex.join(ninep_mount_command("/dev/vport0p1", "/tmp/m", msize=256 * 1024))
+    init.write_text(NINEP_INIT.format(module=_VIRTIO_CONSOLE, modules=_MODULES, mount=mount))
+    init.chmod(0o755)
+    sock = str(tmp_path / "vu.sock")
+
+    async def main() -> None:
+        device = ConsoleDevice(["ninep"])
+        backend = VhostUserBackend(device)
+        backend.listen(sock)
+        server = NinepServer(str(export))
+        tasks = [asyncio.ensure_future(backend.serve()), asyncio.ensure_future(serve_ninep(device.ports[1], server))]
+        reader, writer = await open_port(device.ports[0], limit=1 << 20)
+        proc = subprocess.Popen(_uml.kernel_command(str(init), console="null", extra=[f"virtio_uml.device={sock}:3"]),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                **_uml.spawn_kwargs(tmpdir=str(tmp_path)))
+        try:
+            assert await _marker(reader, "MOUNT") == "0"
+            assert await _marker(reader, "READ") == hashlib.sha256(data).hexdigest()
+            assert await _marker(reader, "WROTE") == "0"
+            assert await _marker(reader, "UMOUNT") == "0"
+            assert await _marker(reader, "MOUNT2") == "0"  # a fresh 9P session on the same port
+            assert await _marker(reader, "LS") == "out.bin"
+            assert await _marker(reader, "RELAYS") == "0"  # each relay ended with its mount
+            assert await asyncio.to_thread(proc.wait, 60) == 0
+        finally:
+            _uml.kill_group(proc)
+            writer.close()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await server.close()
+        assert (export / "sub" / "out.bin").read_bytes() == data
+        assert not backend.dropped
+
+    run(main(), timeout=110)

@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rw", action="store_true", help="mount the host's root read-write (default read-only)")
     run.add_argument("--share", action="append", default=[], metavar="HOSTDIR[:TAG]",
                      help="share a host directory with the guest at /mnt/TAG (9P); repeatable")
+    run.add_argument("--share-via", choices=("net", "virtio"), default="net",
+                     help="carry shares over a private network (default; needs root) or over virtio ports")
+    run.add_argument("--port", action="append", default=[], metavar="NAME[=unix:PATH]",
+                     help="a virtio-console port: /dev/virtio-ports/NAME in the guest, a unix socket on "
+                          "the host (default in the guest's private directory, shown in the status); repeatable")
     run.add_argument("--quiet", "-q", action="store_true", help="no status lines")
     run.add_argument("--boot-timeout", type=float, default=60.0, help="seconds to wait for the guest (default 60)")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...] to run in the guest")
@@ -56,6 +61,8 @@ async def _main(args: argparse.Namespace, command: list[str]) -> int:
             boot_timeout=args.boot_timeout,
             status=None if args.quiet else _status,
             shares=args.share,
+            ports=args.port,
+            share_via=args.share_via,
         )
     except ValueError as exc:
         _status(str(exc))

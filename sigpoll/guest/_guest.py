@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -16,7 +17,17 @@ from typing import Any
 
 from .. import _uml
 from .. import tty as stty
-from ._init_script import GUEST_DIR, command_line, command_text, init_script, interactive_line, share_setup
+from ._init_script import (
+    GUEST_DIR,
+    PORTS_DIR,
+    command_line,
+    command_text,
+    init_script,
+    interactive_line,
+    port_setup,
+    share_mount_lines,
+    share_setup,
+)
 
 __all__ = ["BootError", "CommandResult", "Guest", "GuestError"]
 
@@ -42,6 +53,8 @@ StatusCallback = Callable[[str], None]
 #: 9P message size for shares: large reads and writes in few round trips.
 SHARE_MSIZE = 512 * 1024
 _SHARE_PORT = 5640
+# Ports that carry shares when share_via="virtio" are named this plus the share's tag.
+_SHARE_PORT_PREFIX = "sigpoll-9p-"
 
 
 def _parse_share(share: str | tuple[str, str]) -> tuple[str, str]:
@@ -59,13 +72,40 @@ def _parse_share(share: str | tuple[str, str]) -> tuple[str, str]:
     return path, tag
 
 
+def _parse_port(spec: str | tuple[str, str | None]) -> tuple[str, str | None]:
+    """``NAME``, ``NAME=unix:PATH`` or ``(NAME, PATH or None)`` -> (name, absolute path or None)."""
+    if isinstance(spec, tuple):
+        name, path = spec
+    else:
+        name, sep, where = spec.partition("=")
+        path = None
+        if sep:
+            if not where.startswith("unix:") or len(where) <= 5:
+                raise ValueError(f"port {spec!r}: expected NAME or NAME=unix:PATH")
+            path = where[5:]
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.startswith("."):
+        raise ValueError(f"port name {name!r}: use letters, digits, '-', '_' or '.'")
+    if len(name) > 64:
+        raise ValueError(f"port name {name!r} is longer than 64 characters")
+    return name, os.path.abspath(path) if path else None
+
+
 class Guest:
     """A User-Mode Linux guest on the host's root file system, its console on a sigpoll pty.
 
     Use it as ``async with Guest() as g: result = await g.run("uname -a")``.  Everything the
     guest leaves on the host (its processes, its pty, its memory file and init script in a
-    private temporary directory) is removed on every exit path, exceptions and cancellation
-    included.
+    private temporary directory, its port sockets) is removed on every exit path, exceptions
+    and cancellation included.
+
+    ``shares`` (``HOSTDIR[:TAG]``) are mounted at /mnt/TAG over 9P, served by sigpoll's
+    9P server: over a private network (``share_via="net"``, needs root) or over a
+    virtio-console port each (``share_via="virtio"``, through a relay in the guest).
+
+    ``ports`` adds virtio-console ports (``NAME`` or ``NAME=unix:PATH``): the guest sees
+    each at /dev/virtio-ports/NAME, the host gets a unix socket (:meth:`port_path`; by
+    default in the private directory) that one client at a time can use, or a stream pair
+    from :meth:`open_port`.
     """
 
     def __init__(
@@ -79,11 +119,25 @@ class Guest:
         boot_timeout: float = 60.0,
         status: StatusCallback | None = None,
         shares: Sequence[str | tuple[str, str]] = (),
+        ports: Sequence[str | tuple[str, str | None]] = (),
+        share_via: str = "net",
     ) -> None:
+        if share_via not in ("net", "virtio"):
+            raise ValueError(f"share_via must be 'net' or 'virtio', not {share_via!r}")
+        self.share_via = share_via
         self.shares = [_parse_share(share) for share in shares]
         tags = [tag for _, tag in self.shares]
         if len(set(tags)) != len(tags):
             raise ValueError(f"share tags must differ: {tags}")
+        self.ports = [_parse_port(port) for port in ports]
+        names = [name for name, _ in self.ports]
+        if share_via == "virtio":
+            names += [_SHARE_PORT_PREFIX + tag for tag in tags]
+        if len(set(names)) != len(names):
+            raise ValueError(f"port names must differ: {names}")
+        paths = [path for _, path in self.ports if path]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"port sockets must differ: {paths}")
         self.kernel = kernel
         self.mem = mem
         self.read_only = read_only
@@ -101,6 +155,9 @@ class Guest:
         self._boot_log = b""
         self._netns: Any = None
         self._servers: list[Any] = []
+        self._port_sockets: dict[str, Any] = {}  # name -> sigpoll.virtio.PortSocket
+        self._virtio_tasks: list[asyncio.Future[Any]] = []
+        self._backend: Any = None
         self._lock = asyncio.Lock()
         self._commands = 0
         self.boot_seconds: float | None = None
@@ -131,14 +188,16 @@ class Guest:
             await self._cleanup()
             raise
 
-    async def _start_shares(self) -> tuple[list[str], list[str], Callable[[], None] | None]:
+    async def _start_shares(
+        self,
+    ) -> tuple[list[str], list[str], Callable[[Callable[[], None] | None], Callable[[], None]] | None]:
         """Serve each share with sigpoll's 9P server inside a private network namespace.
 
         Returns the guest's extra kernel arguments, its init lines, and the preexec hook
         that starts UML inside the namespace.  (Why a network and not a serial line: see
         sigpoll._netns.)
         """
-        if not self.shares:
+        if not self.shares or self.share_via != "net":
             return [], [], None
         from .._netns import NetNamespace, NetnsUnavailable
         from ..ninep import NinepServer
@@ -160,15 +219,73 @@ class Guest:
         setup = ns.guest_setup() + share_setup(modules, mounts, SHARE_MSIZE)
         return ns.guest_args(), setup, ns.preexec
 
+    def port_path(self, name: str) -> str:
+        """The host-side unix socket of port ``name`` (valid while the guest runs)."""
+        if name not in self._port_sockets:
+            known = [n for n, _ in self.ports]
+            raise KeyError(f"no port {name!r} (ports: {known})" if self._tmp else "the guest is not running")
+        return str(self._port_sockets[name].path)
+
+    async def open_port(self, name: str, *, limit: int = 1 << 20) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to port ``name``'s socket: what the host writes, the guest reads at
+        /dev/virtio-ports/NAME, and the other way round.  The guest closing the port ends
+        the stream (EOF after everything it wrote); one connection at a time."""
+        return await asyncio.open_unix_connection(self.port_path(name), limit=limit)
+
+    def _start_ports(self) -> tuple[list[str], list[str]]:
+        """Serve a virtio console whose named ports are the guest's ports, each exposed as a
+        unix socket.  Returns the guest's extra kernel arguments and its init lines."""
+        share_tags = [tag for _, tag in self.shares] if self.share_via == "virtio" else []
+        if not self.ports and not share_tags:
+            return [], []
+        from ..virtio import ConsoleDevice, PortSocket, VhostUserBackend, ninep_mount_command, serve_ninep
+
+        modules = _uml.modules_dir()
+        if modules is None or not os.path.exists(os.path.join(modules, "kernel/drivers/char/virtio_console.ko")):
+            raise BootError(f"UML's virtio_console module is missing (needed for ports); {_uml.INSTALL_HINT}")
+        assert self._tmp is not None
+        names = [name for name, _ in self.ports]
+        device = ConsoleDevice(names + [_SHARE_PORT_PREFIX + tag for tag in share_tags], multiport=True, size=None)
+        self._backend = backend = VhostUserBackend(device)
+        sock = os.path.join(self._tmp, "virtio-console.sock")
+        backend.listen(sock)
+        os.makedirs(os.path.join(self._tmp, "ports"), exist_ok=True)
+        for port, (name, path) in zip(device.ports[1:], self.ports):
+            ps = PortSocket(port, path or os.path.join(self._tmp, "ports", f"{name}.sock"))
+            try:
+                ps.listen()
+            except OSError as exc:
+                raise BootError(f"port {name}: cannot listen on {ps.path}: {exc.strerror or exc}") from None
+            self._port_sockets[name] = ps
+        self._virtio_tasks = [asyncio.ensure_future(backend.serve())]
+        self._virtio_tasks += [asyncio.ensure_future(ps.serve()) for ps in self._port_sockets.values()]
+        for name, ps in self._port_sockets.items():
+            self._status(f"port {name}: host unix:{ps.path} <-> guest {PORTS_DIR}/{name}")
+        setup = port_setup(modules, names + [_SHARE_PORT_PREFIX + tag for tag in share_tags])
+        if share_tags:
+            from ..ninep import NinepServer
+
+            mounts = []
+            for port, (path, tag) in zip(device.ports[1 + len(names):], self.shares):
+                server = NinepServer(path, msize=SHARE_MSIZE)
+                self._servers.append(server)
+                self._virtio_tasks.append(asyncio.ensure_future(serve_ninep(port, server)))
+                argv = ninep_mount_command(f"{PORTS_DIR}/{port.name}", f"/mnt/{tag}", msize=SHARE_MSIZE)
+                mounts.append((tag, shlex.join(argv)))
+                self._status(f"share {path} -> /mnt/{tag} (9P over a virtio port)")
+            setup += share_mount_lines(modules, mounts)
+        return [f"virtio_uml.device={sock}:3"], setup
+
     async def _boot(self, kernel: str) -> None:
         self._tmp = tempfile.mkdtemp(prefix="sigpoll-guest-")
+        port_args, port_lines = self._start_ports()
         share_args, share_lines, enter_netns = await self._start_shares()
         init = os.path.join(self._tmp, "init.sh")
         with open(init, "w") as f:
             f.write(
                 init_script(
                     self._token, host_dir=self._tmp, read_only=self.read_only,
-                    setup=share_lines + self.setup,
+                    setup=port_lines + share_lines + self.setup,
                 )
             )
         os.chmod(init, 0o755)
@@ -176,7 +293,7 @@ class Guest:
         slave = os.open(path, os.O_RDWR | os.O_NOCTTY)
         argv = _uml.kernel_command(
             init, kernel=kernel, mem=self.mem, read_only=self.read_only,
-            extra=share_args + self.extra_args,
+            extra=port_args + share_args + self.extra_args,
         )
         spawn = _uml.spawn_kwargs(tmpdir=self._tmp)
         if enter_netns is not None:
@@ -214,6 +331,9 @@ class Guest:
         failed = [tag for _, tag in self.shares if f"@@SHARE-FAILED:{tag}@@".encode() in self._boot_log]
         if failed:
             raise BootError(f"the guest could not mount shares {failed}")
+        missing = [name for name, _ in self.ports if f"@@PORT-FAILED:{name}@@".encode() in self._boot_log]
+        if missing:
+            raise BootError(f"the guest did not see ports {missing}")
         self._status(f"guest up in {self.boot_seconds:.1f}s")
 
     async def stop(self, timeout: float = 20.0) -> int | None:
@@ -242,6 +362,16 @@ class Guest:
                 await asyncio.wait_for(self._writer.wait_closed(), 5)
             self._writer = self._reader = None
             self._transport = None
+        if self._backend is not None:
+            self._backend.stop()
+            self._backend = None
+        for task in self._virtio_tasks:
+            task.cancel()
+        await asyncio.gather(*self._virtio_tasks, return_exceptions=True)
+        self._virtio_tasks = []
+        for ps in self._port_sockets.values():
+            ps.close()  # removes its socket file, wherever it is
+        self._port_sockets = {}
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.close()

@@ -5,7 +5,17 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-__all__ = ["GUEST_DIR", "command_line", "command_text", "init_script", "interactive_line", "share_setup"]
+__all__ = [
+    "GUEST_DIR",
+    "PORTS_DIR",
+    "command_line",
+    "command_text",
+    "init_script",
+    "interactive_line",
+    "port_setup",
+    "share_mount_lines",
+    "share_setup",
+]
 
 # Load order of the guest kernel's 9P modules (each needs the ones before it).
 _NINEP_MODULES = (
@@ -23,13 +33,47 @@ def share_setup(modules_dir: str, mounts: Sequence[tuple[str, str, int]], msize:
     /mnt gets a tmpfs first: the host's root may be read-only.  A failed mount is reported
     on the console with a marker the host turns into an error.
     """
+    options = f"version=9p2000.L,msize={msize},access=any,cache=none"
+    return share_mount_lines(modules_dir, [
+        (tag, f"mount -t 9p -o trans=tcp,port={port},{options} {host} /mnt/{tag}") for tag, host, port in mounts
+    ])
+
+
+def share_mount_lines(modules_dir: str, mounts: Sequence[tuple[str, str]]) -> list[str]:
+    """Init lines that load v9fs and run each ``(tag, mount command)`` onto /mnt/TAG."""
     lines = [f"insmod {modules_dir}/kernel/{m} 2>/dev/null" for m in _NINEP_MODULES]
     lines.append("mount -t tmpfs tmpfs /mnt")
-    for tag, host, port in mounts:
-        options = f"trans=tcp,port={port},version=9p2000.L,msize={msize},access=any,cache=none"
+    for tag, command in mounts:
+        lines += [f"mkdir -p /mnt/{tag}", f"{command} || echo '@@SHARE-FAILED:{tag}@@'"]
+    return lines
+
+
+#: Where the guest finds its named virtio-console ports, as udev would lay them out.
+PORTS_DIR = "/dev/virtio-ports"
+
+
+def port_setup(modules_dir: str, names: Sequence[str], wait_tenths: int = 100) -> list[str]:
+    """Init lines that load virtio_console and link each named port at PORTS_DIR/NAME.
+
+    UML guests have no udev, so the links /dev/virtio-ports/NAME -> ../vportNpM that udev
+    makes elsewhere are made here, from /sys/class/virtio-ports/*/name.  A port's name
+    arrives in a control message after its device node, so the script waits (up to
+    ``wait_tenths`` tenths of a second) until every name is there; a port that never shows
+    up is reported with a marker the host turns into an error.
+    """
+    lines = [
+        f"insmod {modules_dir}/kernel/drivers/char/virtio_console.ko 2>/dev/null",
+        f"mkdir -p {PORTS_DIR}",
+        "_sp_link() { for _d in /sys/class/virtio-ports/*; do",
+        "  _n=$(cat \"$_d/name\" 2>/dev/null)",
+        f"  [ -n \"$_n\" ] && [ -e \"/dev/${{_d##*/}}\" ] && ln -sfn \"../${{_d##*/}}\" \"{PORTS_DIR}/$_n\"",
+        "done; }",
+    ]
+    for name in names:
+        q = shlex.quote(f"{PORTS_DIR}/{name}")
         lines += [
-            f"mkdir -p /mnt/{tag}",
-            f"mount -t 9p -o {options} {host} /mnt/{tag} || echo '@@SHARE-FAILED:{tag}@@'",
+            f"_i=0; while _sp_link; [ ! -e {q} ] && [ $_i -lt {wait_tenths} ]; do sleep 0.1; _i=$((_i + 1)); done",
+            f"[ -e {q} ] || echo '@@PORT-FAILED:{name}@@'",
         ]
     return lines
 

@@ -11,6 +11,9 @@ with a console port and named ports; each port is a host-side asyncio transport
     await backend.serve("/run/console.sock")
 
 The guest gets ``virtio_uml.device=/run/console.sock:3`` (UML) and the virtio_console driver.
+:class:`PortSocket` exposes a port as a unix socket; :func:`serve_ninep` serves a
+:class:`sigpoll.ninep.NinepServer` on a port, which the guest mounts with
+:func:`ninep_mount_command`.
 """
 
 from ._backend import VhostUserBackend, VirtioDevice
@@ -22,6 +25,7 @@ from ._console import (
     ResizeOrder,
     open_port,
 )
+from ._services import PortSocket, ninep_mount_command, serve_ninep
 from ._vhost_user import ProtocolError
 from ._virtqueue import Chain, GuestMemory, MemoryFault, Virtqueue
 
@@ -32,11 +36,14 @@ __all__ = [
     "ControlEvent",
     "GuestMemory",
     "MemoryFault",
+    "PortSocket",
     "PortTransport",
     "ProtocolError",
     "ResizeOrder",
     "VhostUserBackend",
     "VirtioDevice",
     "Virtqueue",
+    "ninep_mount_command",
     "open_port",
+    "serve_ninep",
 ]

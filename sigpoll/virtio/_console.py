@@ -552,6 +552,7 @@ class PortTransport(FlowControlledTransport):
         self._lost = False
         self.bytes_read = 0  #: bytes delivered to the protocol so far
         self.bytes_written = 0  #: bytes handed to the guest so far
+        self._closed_waiter: asyncio.Future[None] | None = None
         loop.call_soon(protocol.connection_made, self)
 
     # -- reading --
@@ -560,7 +561,16 @@ class PortTransport(FlowControlledTransport):
         if self._lost:
             return
         self.bytes_read += len(data)
-        self._protocol.data_received(data)  # type: ignore[attr-defined]
+        try:
+            self._protocol.data_received(data)  # type: ignore[attr-defined]
+        except Exception as exc:
+            # A failing protocol ends its own transport, as asyncio's transports do; the
+            # device, its other ports and the guest's session carry on.
+            self._loop.call_exception_handler({
+                "message": f"protocol of virtio port {self._port.id} failed in data_received",
+                "exception": exc, "transport": self, "protocol": self._protocol,
+            })
+            self._force_close(exc)
 
     def _deliver_later(self, data: bytes) -> None:
         self._deliver(data)
@@ -586,6 +596,9 @@ class PortTransport(FlowControlledTransport):
             raise RuntimeError("cannot write after write_eof()")
         if self._closing or self._lost or not data:
             return
+        # Past the hard cap the write is refused whole (WriteBufferFullError), so a writer
+        # that ignores pause_writing/drain gets a clear error instead of eating memory.
+        self._check_room(len(data))
         # Our own copy: the caller may reuse its buffer.
         self._port._queue_to_guest(memoryview(bytes(data)))
         self._port.device._flush_to_guest(self._port)
@@ -622,6 +635,14 @@ class PortTransport(FlowControlledTransport):
     def abort(self) -> None:
         self._force_close(None)
 
+    async def wait_closed(self) -> None:
+        """Wait until the transport is closed (by either side: a guest close or reset ends it)."""
+        if self._lost:
+            return
+        if self._closed_waiter is None:
+            self._closed_waiter = self._loop.create_future()
+        await asyncio.shield(self._closed_waiter)
+
     def _hang_up(self) -> None:
         if self._lost:
             return
@@ -641,6 +662,8 @@ class PortTransport(FlowControlledTransport):
             port.to_guest_len = 0
             port.device._host_closed(port)
         self._loop.call_soon(self._protocol.connection_lost, exc)
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
 
     # -- window size --
 

@@ -16,6 +16,7 @@ import os
 import select
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ._vhost_user import (
@@ -33,9 +34,10 @@ from ._vhost_user import (
     encode_vring_state,
 )
 
-__all__ = ["DriverRing", "Frontend"]
+__all__ = ["ConsoleDriver", "DriverRing", "Frontend"]
 
 _DESC = struct.Struct("<QIHH")
+_CONTROL = struct.Struct("<IHH")
 _U16 = struct.Struct("<H")
 
 
@@ -280,3 +282,114 @@ class Frontend:
         self.sock.close()
         self.mem.close()
         os.close(self.memfd)
+
+
+class ConsoleDriver:
+    """Just enough of Linux's virtio_console driver (MULTIPORT) to move data on ports.
+
+    Port ``p``'s receive ring is 0 for port 0 and ``2p + 2`` otherwise, its transmit ring
+    the next one; rings 2 and 3 carry control messages.  Control events from the device
+    are collected in :attr:`events` as ``(port, event, value, extra bytes)``.
+    """
+
+    DEVICE_READY, DEVICE_ADD, PORT_READY, CONSOLE_PORT, PORT_OPEN, PORT_NAME = 0, 1, 3, 4, 6, 7
+
+    def __init__(self, fe: Frontend, nports: int, *, buf_size: int = 4096, rx_buffers: int = 8) -> None:
+        self.fe = fe
+        self.nports = nports
+        self.buf_size = buf_size
+        self.rx_buffers = rx_buffers
+        self.events: list[tuple[int, int, int, bytes]] = []
+
+    @staticmethod
+    def rx(port: int) -> int:
+        return 0 if port == 0 else 2 * port + 2
+
+    def start(self) -> None:
+        """Set up every ring, post control buffers and send DEVICE_READY."""
+        fe = self.fe
+        nrings = 2 * self.nports + 2
+        for i in range(nrings):
+            fe.setup_ring(i, num=32)
+        for _ in range(16):
+            fe.add(2, in_len=4096)
+        for i in range(nrings):
+            fe.set_kick(i)
+            fe.enable(i)
+        self.send_control(0, self.DEVICE_READY, 1)
+
+    def send_control(self, port: int, event: int, value: int) -> None:
+        self.fe.add(3, out=_CONTROL.pack(port, event, value))
+        self.fe.kick(3)
+        self.fe.wait_used(3, 1)
+
+    def poll(self, want: Callable[[list[tuple[int, int, int, bytes]]], bool], timeout: float = 5.0) -> None:
+        """Handle control events (the way Linux does) until ``want(self.events)``."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            for _, length, data in self.fe.used(2):
+                port, event, value = _CONTROL.unpack_from(data)
+                self.events.append((port, event, value, data[_CONTROL.size:length]))
+                self.fe.add(2, in_len=4096)
+                self.fe.kick(2)
+                self._react(port, event, value)
+            if want(self.events):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"control events so far: {self.events}")
+            self.fe.wait_call(2, 0.05)
+
+    def _react(self, port: int, event: int, value: int) -> None:
+        if event == self.DEVICE_ADD:
+            for _ in range(self.rx_buffers):
+                self.fe.add(self.rx(port), in_len=self.buf_size)
+            self.fe.kick(self.rx(port))
+            self.send_control(port, self.PORT_READY, 1)
+        elif event == self.CONSOLE_PORT:
+            self.send_control(port, self.PORT_OPEN, 1)
+
+    def names(self) -> dict[int, str]:
+        """Port names announced so far."""
+        return {p: d.decode() for p, e, _, d in self.events if e == self.PORT_NAME}
+
+    def host_open(self, port: int) -> bool:
+        """Whether the host side of ``port`` is open, by the last PORT_OPEN for it."""
+        state = False
+        for p, e, v, _ in self.events:
+            if p == port and e == self.PORT_OPEN:
+                state = bool(v)
+        return state
+
+    def open(self, port: int, is_open: bool = True) -> None:
+        """Open (or close) ``port`` from the guest's side."""
+        self.send_control(port, self.PORT_OPEN, int(is_open))
+
+    def write(self, port: int, data: bytes, timeout: float = 5.0) -> None:
+        """Send ``data`` on ``port``'s transmit ring and wait until the device took it all."""
+        tx = self.rx(port) + 1
+        for at in range(0, len(data), self.buf_size):
+            self.fe.add(tx, out=data[at:at + self.buf_size])
+            self.fe.kick(tx)
+            self.fe.wait_used(tx, 1, timeout)
+
+    def read(self, port: int, nbytes: int, timeout: float = 5.0) -> bytes:
+        """Collect ``nbytes`` from ``port``'s receive ring (reposting buffers as they fill)."""
+        import time
+
+        rx = self.rx(port)
+        got = bytearray()
+        deadline = time.monotonic() + timeout
+        while len(got) < nbytes:
+            used = self.fe.used(rx)
+            for _, length, data in used:
+                got += data[:length]
+                self.fe.add(rx, in_len=self.buf_size)
+            if used:
+                self.fe.kick(rx)
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"port {port}: {len(got)} of {nbytes} bytes")
+            self.fe.wait_call(rx, 0.05)
+        return bytes(got)
