@@ -4,6 +4,11 @@ Kept apart from the backends so the console, 9p, virtio and guest-runtime code s
 recipe.  Facts it relies on (Debian's user-mode-linux, kernel 6.1): ``linux.uml`` boots with
 the host's root file system through hostfs, runs an ``init=`` script as PID 1, and puts its
 physical memory in a file under TMPDIR.
+
+No UML process outlives the host process, even one killed with SIGKILL: :class:`UmlProcess`
+starts the kernel as PID 1 of a private PID namespace when this machine allows it (see
+:func:`pid_namespace_available`), so the host kernel kills every process of the guest when
+the UML kernel dies, and the UML kernel dies with the host process (PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,10 +27,12 @@ __all__ = [
     "INSTALL_HINT",
     "SigioNudger",
     "UmlNotFound",
+    "UmlProcess",
     "find_kernel",
     "kernel_command",
     "kill_group",
     "modules_dir",
+    "pid_namespace_available",
     "spawn_kwargs",
 ]
 
@@ -83,15 +91,35 @@ def kernel_command(
 _PR_SET_PDEATHSIG = 1
 
 
-def _child_setup() -> None:
-    # UML runs on SIGIO and SIGALRM; a mask inherited from a sigpoll process (which blocks
-    # SIGIO and its RT signal) would freeze the guest's interrupts.
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    # If the host process dies without cleaning up (SIGKILL), take the guest with it.
-    import ctypes
+def _child_setup(parent: int) -> Callable[[], None]:
+    """The ``preexec_fn`` of a UML kernel (or of its launcher) started by process ``parent``."""
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    def setup() -> None:
+        # UML runs on SIGIO and SIGALRM; a mask inherited from a sigpoll process (which blocks
+        # SIGIO and its RT signal) would freeze the guest's interrupts.
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        # If the host process dies without cleaning up (SIGKILL), take the guest with it.
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        # The host may have died between fork and prctl: then no signal will ever come.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return setup
+
+
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...), or
+    None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: the fields follow the last ')'.
+    return stat[stat.rindex(b")") + 2 :].split()
 
 
 def _descendants(pid: int) -> set[int]:
@@ -99,16 +127,8 @@ def _descendants(pid: int) -> set[int]:
     orphans are reparented and the link is lost)."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: ppid follows the last ')'.
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(name))
+        if name.isdigit() and (stat := _stat(int(name))) is not None:
+            children.setdefault(int(stat[1]), []).append(int(name))
     found: set[int] = set()
     todo = [pid]
     while todo:
@@ -129,6 +149,16 @@ def kill_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     import time
 
     deadline = time.monotonic() + timeout
+    if isinstance(proc, UmlProcess) and proc.pid_namespace and proc.poll() is None:
+        kernel = proc.kernel_pid()
+        if kernel is not None:
+            # The namespace's PID 1 first: Linux kills the rest of the namespace, the kernel
+            # reaps it, the launcher reaps the kernel and exits.  Killing the launcher first
+            # would leave the kernel a zombie for whoever adopts it to reap.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(kernel, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, min(5.0, timeout / 2)))
     while True:
         targets = _descendants(proc.pid)
         if proc.poll() is None:
@@ -153,18 +183,86 @@ def kill_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 def spawn_kwargs(env: Mapping[str, str] | None = None, tmpdir: str | None = None) -> dict[str, Any]:
     """Keyword arguments for subprocess/asyncio spawning of a UML kernel.
 
-    A clean signal mask, its own session (so a terminal's SIGINT is not sent to it), and
-    TMPDIR pointing where its memory file should go.
+    A clean signal mask, its own session (so a terminal's SIGINT is not sent to it),
+    PDEATHSIG, and TMPDIR pointing where its memory file should go.  Popen the kernel with
+    :class:`UmlProcess` to also keep its guest processes from outliving a killed host.
     """
     child_env = dict(os.environ if env is None else env)
     if tmpdir is not None:
         child_env["TMPDIR"] = tmpdir
     return {
-        "preexec_fn": _child_setup,
+        "preexec_fn": _child_setup(os.getpid()),
         "start_new_session": True,
         "env": child_env,
         "stderr": subprocess.DEVNULL,
     }
+
+
+_probe_lock = threading.Lock()
+_probed: bool | None = None
+
+
+def pid_namespace_available() -> bool:
+    """Whether UML can run as PID 1 of a private PID namespace here (probed once).
+
+    It needs util-linux's ``unshare`` and the right to make a PID namespace
+    (CAP_SYS_ADMIN: root, outside a container that forbids it).  Without them a SIGKILLed
+    host process still takes the UML kernel with it (PDEATHSIG), but the guest's own host
+    processes may survive it; every other exit path cleans them up (:func:`kill_group`).
+    """
+    global _probed
+    with _probe_lock:
+        if _probed is None:
+            unshare = shutil.which("unshare")
+            _probed = False
+            if unshare is not None:
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    done = subprocess.run(
+                        [unshare, "--pid", "--kill-child", "--", "true"],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL, timeout=10,
+                    )
+                    _probed = done.returncode == 0
+        return _probed
+
+
+class UmlProcess(subprocess.Popen):  # type: ignore[type-arg]
+    """A ``subprocess.Popen`` of a UML kernel that takes all its guest's processes with it.
+
+    Why: UML runs every guest process as a host process of its own, and one helper even
+    makes a session of its own.  PDEATHSIG kills the kernel with a SIGKILLed host, but not
+    those.  So, when :func:`pid_namespace_available` (or ``pid_namespace=True``), the kernel
+    runs as PID 1 of a private PID namespace, through ``unshare --pid --kill-child``: the
+    kernel dies with the launcher (``--kill-child``), the launcher with the host (the
+    PDEATHSIG of :func:`spawn_kwargs`), and when a namespace's PID 1 dies, Linux kills every
+    process in it.  Otherwise it is a plain Popen of the kernel.
+
+    ``pid`` is then the launcher's; :meth:`kernel_pid` is the kernel's own (for SIGIO, see
+    :class:`SigioNudger`).  The exit status is the kernel's either way (but for a kernel
+    killed by a signal: util-linux 2.38's launcher then exits with 1, not -SIGNAL), and
+    :func:`kill_group` cleans both up.
+    """
+
+    def __init__(self, args: Sequence[str], *, pid_namespace: bool | None = None, **kwargs: Any) -> None:
+        if pid_namespace is None:
+            pid_namespace = pid_namespace_available()
+        self.pid_namespace = pid_namespace
+        argv = list(args)
+        if pid_namespace:
+            unshare = shutil.which("unshare") or "unshare"
+            argv = [unshare, "--pid", "--kill-child", "--", *argv]
+        super().__init__(argv, **kwargs)
+        self._kernel_pid: int | None = None if pid_namespace else self.pid
+
+    def kernel_pid(self) -> int | None:
+        """The UML kernel's host pid, or None while the launcher has not forked it yet (or
+        if it is gone)."""
+        if self._kernel_pid is None:
+            for name in os.listdir("/proc"):
+                if name.isdigit() and (stat := _stat(int(name))) is not None and int(stat[1]) == self.pid:
+                    self._kernel_pid = int(name)
+                    break
+        return self._kernel_pid
 
 
 class SigioNudger:

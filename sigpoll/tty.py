@@ -306,9 +306,6 @@ class ConsoleTransport(FlowControlledTransport):
         self._buffered = 0
         self._reading = True
         self._writer_armed = False
-        self._closing = False
-        self._eof_pending = False
-        self._lost = False
         self.bytes_read = 0  #: bytes delivered to the protocol so far
         self.bytes_written = 0  #: bytes the tty has accepted so far
         self._saved_flags = {fd: fcntl.fcntl(fd, fcntl.F_GETFL) for fd in {self._rfd, self._wfd}}
@@ -371,15 +368,8 @@ class ConsoleTransport(FlowControlledTransport):
     # -- writing --
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
-        if self._eof_pending:
-            raise RuntimeError("cannot write after write_eof()")
-        if self._closing or self._lost:
-            return  # like asyncio's transports: writes after close are dropped silently
-        if not data:
+        if not self._accept_write(data):
             return
-        self._check_room(len(data))
         if not self._buffer:
             # Fast path: try the write now; buffer only what the tty refuses.
             try:
@@ -424,40 +414,21 @@ class ConsoleTransport(FlowControlledTransport):
         if not self._buffer:
             self._writer_armed = False
             _unwatch(self._loop, self._wfd, True)
-            if self._closing:
-                self._force_close(None)
-            elif self._eof_pending:
-                self._force_close(None)
+            self._drained()
         self._maybe_resume()
 
     def get_write_buffer_size(self) -> int:
         return self._buffered
 
-    def write_eof(self) -> None:
-        """Flush what is buffered, then close (a tty has no half-close of its own)."""
-        if self._closing or self._eof_pending:
-            return
-        self._eof_pending = True
-        if not self._buffer:
-            self._force_close(None)
+    # -- closing (the state machine is FlowControlledTransport's) --
 
-    # -- closing --
+    def _write_pending(self) -> bool:
+        return bool(self._buffer)
 
-    def is_closing(self) -> bool:
-        return self._closing or self._lost
-
-    def close(self) -> None:
-        """Close after the write buffer has drained."""
-        if self._closing or self._lost:
-            return
-        self._closing = True
+    def _on_close(self) -> None:
+        # No more input once close() is asked for; output still drains.
         if self._reading:
             _unwatch(self._loop, self._rfd, False)
-        if not self._buffer:
-            self._loop.call_soon(self._force_close, None)
-
-    def abort(self) -> None:
-        self._force_close(None)
 
     def _fatal(self, exc: Exception) -> None:
         if self._loop.get_debug():
@@ -467,11 +438,7 @@ class ConsoleTransport(FlowControlledTransport):
             )
         self._force_close(exc)
 
-    def _force_close(self, exc: Exception | None) -> None:
-        if self._lost:
-            return
-        self._lost = True
-        self._closing = True
+    def _detach(self) -> None:
         with contextlib.suppress(Exception):
             _unwatch(self._loop, self._rfd, False)
         if self._writer_armed:
@@ -480,19 +447,15 @@ class ConsoleTransport(FlowControlledTransport):
             self._writer_armed = False
         self._buffer.clear()
         self._buffered = 0
-        self._loop.call_soon(self._finish, exc)
 
-    def _finish(self, exc: Exception | None) -> None:
-        try:
-            self._protocol.connection_lost(exc)
-        finally:
-            for fd, flags in self._saved_flags.items():
+    def _release(self) -> None:
+        for fd, flags in self._saved_flags.items():
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        if self._close_fds:
+            for fd in {self._rfd, self._wfd}:
                 with contextlib.suppress(OSError):
-                    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-            if self._close_fds:
-                for fd in {self._rfd, self._wfd}:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                    os.close(fd)
 
     # -- window size --
 
@@ -503,8 +466,7 @@ class ConsoleTransport(FlowControlledTransport):
         set_winsize(self._wfd, rows, cols)
 
     def __repr__(self) -> str:
-        state = "closed" if self._lost else "closing" if self._closing else "open"
-        return f"<ConsoleTransport fd={self._rfd}/{self._wfd} {state} buffered={self._buffered}>"
+        return f"<ConsoleTransport fd={self._rfd}/{self._wfd} {self._state()} buffered={self._buffered}>"
 
 
 class TeeProtocol(asyncio.Protocol):

@@ -9,7 +9,6 @@ import os
 import secrets
 import shlex
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -147,7 +146,8 @@ class Guest:
         self._status = status or (lambda message: None)
         self._token = secrets.token_hex(8)
         self._tmp: str | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: _uml.UmlProcess | None = None
+        self._kernel_pid: int | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._transport: stty.ConsoleTransport | None = None
@@ -166,8 +166,9 @@ class Guest:
 
     @property
     def pid(self) -> int | None:
-        """The UML kernel's host process id while the guest runs."""
-        return self._proc.pid if self._proc is not None else None
+        """The UML kernel's host process id while the guest runs (inside a private PID
+        namespace it is PID 1; see docs/guest.md, "Cleanup")."""
+        return self._kernel_pid if self._proc is not None else None
 
     @property
     def tmpdir(self) -> str | None:
@@ -301,12 +302,13 @@ class Guest:
         self._status(f"booting {kernel} ({self.mem}, console {path})")
         t0 = time.monotonic()
         try:
-            self._proc = subprocess.Popen(argv, stdin=slave, stdout=slave, close_fds=True, **spawn)
+            self._proc = _uml.UmlProcess(argv, stdin=slave, stdout=slave, close_fds=True, **spawn)
         except OSError as exc:
             os.close(master)
             raise BootError(f"cannot start {kernel}: {exc.strerror}") from None
         finally:
             os.close(slave)
+        self._kernel_pid = await self._find_kernel_pid(self._proc)
         # Large enough to hold a whole boot log or command output while we look for markers.
         self._reader, self._writer = await stty.open_console(master, limit=1 << 26)
         transport = self._writer.transport
@@ -314,7 +316,7 @@ class Guest:
         self._transport = transport
         self._nudger = _uml.SigioNudger(
             asyncio.get_running_loop(),
-            self._proc.pid,
+            self._kernel_pid,
             lambda: transport.bytes_read + transport.bytes_written,
         )
         self._nudger.start()
@@ -336,6 +338,18 @@ class Guest:
             raise BootError(f"the guest did not see ports {missing}")
         self._status(f"guest up in {self.boot_seconds:.1f}s")
 
+    async def _find_kernel_pid(self, proc: _uml.UmlProcess) -> int:
+        """The kernel's pid: the launcher forks it right after it starts (a few ms)."""
+        deadline = time.monotonic() + self.boot_timeout
+        while (pid := proc.kernel_pid()) is None:
+            if proc.poll() is not None:
+                # Gone already: the console's boot log tells why (see _boot).
+                return proc.pid
+            if time.monotonic() > deadline:
+                raise BootError(f"the guest kernel did not start in {self.boot_timeout:g}s")
+            await asyncio.sleep(0.002)
+        return pid
+
     async def stop(self, timeout: float = 20.0) -> int | None:
         """Power the guest off (forcefully after ``timeout``) and clean up.  Idempotent."""
         code = None
@@ -352,6 +366,7 @@ class Guest:
             self._nudger.stop()
             self._nudger = None
         proc, self._proc = self._proc, None
+        self._kernel_pid = None
         if proc is not None:
             # UML runs its guest processes as host children in its process group: take them
             # all, whether the kernel already exited or not.

@@ -547,9 +547,6 @@ class PortTransport(FlowControlledTransport):
         super().__init__(loop, protocol, extra)
         self._port = port
         self._reading = True
-        self._closing = False
-        self._eof_pending = False
-        self._lost = False
         self.bytes_read = 0  #: bytes delivered to the protocol so far
         self.bytes_written = 0  #: bytes handed to the guest so far
         self._closed_waiter: asyncio.Future[None] | None = None
@@ -590,50 +587,23 @@ class PortTransport(FlowControlledTransport):
     # -- writing --
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
-        if self._eof_pending:
-            raise RuntimeError("cannot write after write_eof()")
-        if self._closing or self._lost or not data:
-            return
         # Past the hard cap the write is refused whole (WriteBufferFullError), so a writer
         # that ignores pause_writing/drain gets a clear error instead of eating memory.
-        self._check_room(len(data))
+        if not self._accept_write(data):
+            return
         # Our own copy: the caller may reuse its buffer.
         self._port._queue_to_guest(memoryview(bytes(data)))
         self._port.device._flush_to_guest(self._port)
         self._maybe_pause()
 
-    def _drained(self) -> None:
-        if (self._closing or self._eof_pending) and not self._lost:
-            self._force_close(None)
-
     def get_write_buffer_size(self) -> int:
         return 0 if self._lost else self._port.to_guest_len
 
-    def write_eof(self) -> None:
-        """Flush what is buffered, then close (the port has no half-close of its own)."""
-        if self._closing or self._eof_pending:
-            return
-        self._eof_pending = True
-        if not self._port._to_guest:
-            self._force_close(None)
+    # -- closing (the state machine is FlowControlledTransport's; close() waits until the
+    # guest has taken what was written, or the port hangs up) --
 
-    # -- closing --
-
-    def is_closing(self) -> bool:
-        return self._closing or self._lost
-
-    def close(self) -> None:
-        """Close after the guest has taken what was written (or the port hangs up)."""
-        if self._closing or self._lost:
-            return
-        self._closing = True
-        if not self._port._to_guest:
-            self._loop.call_soon(self._force_close, None)
-
-    def abort(self) -> None:
-        self._force_close(None)
+    def _write_pending(self) -> bool:
+        return bool(self._port._to_guest)
 
     async def wait_closed(self) -> None:
         """Wait until the transport is closed (by either side: a guest close or reset ends it)."""
@@ -650,18 +620,15 @@ class PortTransport(FlowControlledTransport):
             self._protocol.eof_received()  # type: ignore[attr-defined]
         self._force_close(None)
 
-    def _force_close(self, exc: BaseException | None) -> None:
-        if self._lost:
-            return
-        self._lost = True
-        self._closing = True
+    def _detach(self) -> None:
         port = self._port
         if port.transport is self:
             port.transport = None
             port._to_guest.clear()
             port.to_guest_len = 0
             port.device._host_closed(port)
-        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    def _release(self) -> None:
         if self._closed_waiter is not None and not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
 
@@ -675,8 +642,7 @@ class PortTransport(FlowControlledTransport):
         self._port.resize(rows, cols)
 
     def __repr__(self) -> str:
-        state = "closed" if self._lost else "closing" if self._closing else "open"
-        return f"<PortTransport port={self._port.id} {state} buffered={self.get_write_buffer_size()}>"
+        return f"<PortTransport port={self._port.id} {self._state()} buffered={self.get_write_buffer_size()}>"
 
 
 async def open_port(port: ConsolePort, *, limit: int = 2**16) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
