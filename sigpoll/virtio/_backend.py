@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -26,6 +25,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .._unixsock import listen_unix, peer_allowed
 from ._vhost_user import (
     MAX_CONFIG_SIZE,
     BackendRequest,
@@ -486,20 +486,10 @@ class VhostUserBackend:
         self._stopping = False
 
     def listen(self, path: str) -> socket.socket:
-        """Create the listening socket (replacing a stale socket file at ``path``)."""
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-            sock.listen(4)
-        except BaseException:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        self._listener = sock
-        return sock
+        """Create the listening socket, mode 0600 (replacing a stale socket file at ``path``;
+        any other file there is a :class:`FileExistsError`)."""
+        self._listener = listen_unix(path)
+        return self._listener
 
     async def serve(self, path: str | None = None) -> None:
         """Serve frontends one after another until cancelled (or :meth:`stop`)."""
@@ -512,6 +502,12 @@ class VhostUserBackend:
         try:
             while not self._stopping:
                 conn_sock, _ = await self.loop.sock_accept(self._listener)
+                if not peer_allowed(conn_sock):
+                    # A frontend hands us memory to map and write: only our own user (or
+                    # root) may be one, even if the socket's directory lets others in.
+                    log.warning("vhost-user: refused a frontend that is neither this user nor root")
+                    conn_sock.close()
+                    continue
                 self.sessions += 1
                 log.info("vhost-user frontend %d connected", self.sessions)
                 self.connection = _Connection(self, conn_sock)

@@ -14,10 +14,10 @@ import asyncio
 import contextlib
 import os
 import socket
-import stat
 import sys
 from typing import Any
 
+from .._unixsock import listen_unix
 from ._console import ConsolePort
 
 __all__ = ["RELAY_SCRIPT", "PortSocket", "ninep_mount_command", "serve_ninep"]
@@ -109,22 +109,9 @@ class PortSocket:
         self._bridge: _Bridge | None = None
 
     def listen(self) -> None:
-        """Bind and listen (replacing a stale socket file, never any other file)."""
-        if self._listener is not None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                raise FileExistsError(f"{self.path} exists and is not a socket")
-            os.unlink(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(self.path)
-            sock.listen(1)
-        except BaseException:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        self._listener = sock
+        """Bind and listen, mode 0600 (replacing a stale socket file, never any other file)."""
+        if self._listener is None:
+            self._listener = listen_unix(self.path, backlog=1)
 
     async def serve(self) -> None:
         """Serve clients one after another until cancelled (or :meth:`close`)."""
