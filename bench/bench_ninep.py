@@ -14,14 +14,20 @@ reported):
 - ``small ops``: ``--ops`` rounds of Twalk + Tgetattr + Tclunk on a file two levels deep,
   one round at a time (latency-bound), and the same with 16 rounds in flight.
 
-The table ends with ratios ours / diod (above 1: ours is faster).  Nothing is asserted;
-the exit status is 0 unless the benchmark itself breaks.
+The table ends with ratios ours / diod (above 1: ours is faster), with the lowest and
+highest per-round ratio beside the median (the spread shows how noisy the machine was).
+A second table gives each server's CPU time per operation (user + system, all threads,
+read with ``clock_getcpuclockid`` on the server's pid), and the ratio diod / ours (above
+1: ours spends less): steadier than rates on a shared machine, since it does not count
+the time a server waited for the CPU.  Nothing is asserted; the exit status is 0 unless
+the benchmark itself breaks.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import os
 import shutil
@@ -37,6 +43,17 @@ from sigpoll.ninep import _codec as c
 from sigpoll.ninep._testing import DiodProcess, find_diod_tool, free_port
 
 MSIZE = 65536
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def cpu_clock(pid: int) -> int:
+    """A clock id that reads the CPU time of process ``pid`` (all its threads)."""
+    cid = ctypes.c_int()
+    if _libc.clock_getcpuclockid(pid, ctypes.byref(cid)) != 0:
+        raise OSError(ctypes.get_errno(), f"clock_getcpuclockid({pid})")
+    return cid.value
 
 
 class OurServer:
@@ -114,18 +131,29 @@ async def _small(cl: Client, ops: int, inflight: int) -> float:
     return ops / (time.perf_counter() - t0)
 
 
-async def _measure(port: int, export: str, args: argparse.Namespace, tag: str) -> dict[str, float]:
+async def _measure(port: int, pid: int, export: str, args: argparse.Namespace,
+                   tag: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Rates, and the server's CPU µs per operation (per Tread/Twrite for bulk I/O, per
+    walk+getattr+clunk round for small ops)."""
     cl = await Client.connect_tcp("127.0.0.1", port, aname=export, msize=MSIZE)
     size = args.mib * 1024 * 1024
-    out = {
-        "read_MBps": await _read(cl, size),
-        "write_MBps": await _write(cl, size, f"w-{tag}"),
-        "small_ops_per_s": await _small(cl, args.ops, 1),
-        "small_ops_16_per_s": await _small(cl, args.ops, 16),
-    }
+    clock = cpu_clock(pid)
+    nio = -(-size // (MSIZE - 24))
+    jobs = [
+        ("read_MBps", lambda: _read(cl, size), nio),
+        ("write_MBps", lambda: _write(cl, size, f"w-{tag}"), nio),
+        ("small_ops_per_s", lambda: _small(cl, args.ops, 1), args.ops),
+        ("small_ops_16_per_s", lambda: _small(cl, args.ops, 16), args.ops),
+    ]
+    rates: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    for name, job, nops in jobs:
+        c0 = time.clock_gettime(clock)
+        rates[name] = await job()
+        cpu[name] = (time.clock_gettime(clock) - c0) / nops * 1e6
     await cl.close()
     os.unlink(os.path.join(export, f"w-{tag}"))
-    return out
+    return rates, cpu
 
 
 def main() -> int:
@@ -150,30 +178,51 @@ def main() -> int:
         ours = OurServer(export)
         diod = DiodProcess(export)
         results: dict[str, list[dict[str, float]]] = {"ours": [], "diod": []}
+        cpu: dict[str, list[dict[str, float]]] = {"ours": [], "diod": []}
         try:
             for r in range(args.rounds):
-                order = [("ours", ours.port), ("diod", diod.port)]
+                order = [("ours", ours.port, ours.proc.pid), ("diod", diod.port, diod.proc.pid)]
                 if r % 2:
                     order.reverse()
-                for name, port in order:
-                    results[name].append(asyncio.run(_measure(port, export, args, name)))
+                for name, port, pid in order:
+                    rates, used = asyncio.run(_measure(port, pid, export, args, name))
+                    results[name].append(rates)
+                    cpu[name].append(used)
         finally:
             ours.stop()
             diod.stop()
     finally:
         shutil.rmtree(export, ignore_errors=True)
-    med = {name: {k: statistics.median(run[k] for run in runs) for k in runs[0]}
-           for name, runs in results.items()}
-    ratios = {k: med["ours"][k] / med["diod"][k] for k in med["ours"]}
+
+    def median(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+        return {name: {k: statistics.median(run[k] for run in rs) for k in rs[0]}
+                for name, rs in runs.items()}
+
+    med, cpu_med = median(results), median(cpu)
+    keys = list(med["ours"])
+    ratios = {k: med["ours"][k] / med["diod"][k] for k in keys}
+    # Per round (the servers ran back to back in each): how far the ratio moved.
+    spread = {k: [a[k] / b[k] for a, b in zip(results["ours"], results["diod"])] for k in keys}
+    cpu_ratios = {k: cpu_med["diod"][k] / cpu_med["ours"][k] for k in keys}
     if args.json:
         print(json.dumps({"median": med, "ratio_ours_over_diod": ratios,
+                          "ratio_per_round": spread, "cpu_us_per_op": cpu_med,
+                          "cpu_ratio_diod_over_ours": cpu_ratios,
                           "mib": args.mib, "ops": args.ops, "rounds": args.rounds}))
         return 0
     print(f"9P2000.L over loopback TCP, msize {MSIZE}, {args.mib} MiB, {args.ops} ops, "
           f"median of {args.rounds}")
-    print(f"{'metric':<22}{'ours':>12}{'diod':>12}{'ours/diod':>12}")
-    for k in med["ours"]:
-        print(f"{k:<22}{med['ours'][k]:>12.1f}{med['diod'][k]:>12.1f}{ratios[k]:>12.2f}")
+    print(f"{'metric':<22}{'ours':>12}{'diod':>12}{'ours/diod':>12}{'min..max':>14}")
+    for k in keys:
+        lo, hi = min(spread[k]), max(spread[k])
+        print(f"{k:<22}{med['ours'][k]:>12.1f}{med['diod'][k]:>12.1f}{ratios[k]:>12.2f}"
+              f"{lo:>8.2f}..{hi:.2f}")
+    print()
+    print("server CPU per operation (µs; bulk: per 64 KiB request, small: per round)")
+    print(f"{'metric':<22}{'ours':>12}{'diod':>12}{'diod/ours':>12}")
+    for k in keys:
+        print(f"{k:<22}{cpu_med['ours'][k]:>12.1f}{cpu_med['diod'][k]:>12.1f}"
+              f"{cpu_ratios[k]:>12.2f}")
     return 0
 
 

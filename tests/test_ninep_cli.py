@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sigpoll.ninep import Client
+from sigpoll.ninep import Client, NinepError
 from sigpoll.ninep._testing import free_port
 
 CMD = [sys.executable, "-m", "sigpoll.ninep"]
@@ -65,6 +66,45 @@ def test_serve_tcp_logs_and_exits_cleanly(export: Path, sig: int) -> None:
     lines = err.splitlines()
     assert any("connection from" in ln and "closed" not in ln for ln in lines), err
     assert sum("connection from" in ln and "closed" not in ln for ln in lines) == 2
+
+
+def test_serve_limits_options(export: Path) -> None:
+    """The limits are set from the command line: a second connection past
+    --max-connections 1 is closed and logged, and --max-fids 2 gives EMFILE."""
+    port = free_port()
+    proc = subprocess.Popen([*CMD, "serve", str(export), "--listen", f"127.0.0.1:{port}",
+                             "--max-connections", "1", "--max-fids", "2", "--max-inflight", "4",
+                             "--max-queued-output", "65536", "--no-inline"],
+                            stderr=subprocess.PIPE)
+    try:
+        _wait_port(port, proc)
+
+        async def use() -> None:
+            for _ in range(100):
+                try:  # the server may not have seen _wait_port's probe go yet
+                    cl = await Client.connect_tcp("127.0.0.1", port)
+                    break
+                except ConnectionError:
+                    await asyncio.sleep(0.05)
+            with pytest.raises(ConnectionError):
+                await Client.connect_tcp("127.0.0.1", port)
+            fid = await cl.walk("f")
+            with pytest.raises(NinepError) as err:
+                await cl.walk("f")
+            assert err.value.errno == errno.EMFILE
+            await cl.clunk(fid)
+            assert await cl.read_file("f") == b"cli\n"
+            await cl.close()
+
+        asyncio.run(use())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert "Traceback" not in err
+    assert "refusing connection" in err and "max_connections" in err, err
 
 
 def test_serve_unix(export: Path, tmp_path: Path) -> None:
@@ -119,6 +159,11 @@ def test_serve_fd_socketpair(export: Path) -> None:
         ["serve", "DIR", "--listen", "1.2.3.4:1", "--unix", "/x"],
         ["serve", "DIR", "--fd", "a,b"],
         ["serve", "DIR", "--listen", "127.0.0.1:0", "--msize", "12"],
+        ["serve", "DIR", "--listen", "127.0.0.1:0", "--workers", "0"],
+        ["serve", "DIR", "--listen", "127.0.0.1:0", "--max-fids", "0"],
+        ["serve", "DIR", "--listen", "127.0.0.1:0", "--max-inflight", "-3"],
+        ["serve", "DIR", "--listen", "127.0.0.1:0", "--max-connections", "many"],
+        ["serve", "DIR", "--listen", "127.0.0.1:0", "--max-queued-output", "1.5"],
         ["serve", "/nonexistent/dir", "--listen", "127.0.0.1:0"],
         ["frobnicate"],
     ],

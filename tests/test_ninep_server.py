@@ -511,3 +511,188 @@ def test_fd_pair_transports(run, export: Path) -> None:
         await server.close()
 
     run(body())
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+def test_inline_rread_frame_matches_the_codec() -> None:
+    from sigpoll.ninep import _server as s
+
+    buf = s._rread_frame(10)
+    buf[11:16] = b"hello"
+    assert bytes(s._rread_seal(buf, 0x1234, 5)) == c.encode(c.Rread(b"hello", tag=0x1234))
+
+
+def test_fifo_open_and_read_wait_in_the_pool(run, export: Path) -> None:
+    """A fifo's open waits for a writer and its read for data: both wait in a worker,
+    while other requests are answered meanwhile."""
+
+    async def body() -> None:
+        os.mkfifo(export / "fifo")
+        server, port = await _serve(export)
+        cl = await Client.connect_tcp("127.0.0.1", port)
+        opening = asyncio.ensure_future(cl.open("fifo"))
+        for _ in range(20):  # served while the open waits
+            assert (await cl.stat("hello.txt")).size == 6
+        assert not opening.done()
+        loop = asyncio.get_running_loop()
+        wfd = await loop.run_in_executor(None, os.open, str(export / "fifo"), os.O_WRONLY)
+        try:
+            f = await asyncio.wait_for(opening, 10)
+            reading = asyncio.ensure_future(f.pread(100, 0))
+            assert (await cl.stat("big")).size == len(BIG)
+            assert not reading.done()
+            os.write(wfd, b"through the fifo")
+            assert await asyncio.wait_for(reading, 10) == b"through the fifo"
+        finally:
+            os.close(wfd)
+        await f.close()
+        await cl.close()
+        await server.close()
+
+    run(body())
+
+
+def test_slow_inline_call_is_sent_to_the_pool(run, export: Path) -> None:
+    """An inline call that sleeps past the budget sends its kind to the pool."""
+    import time
+
+    from sigpoll.ninep import _server as s
+
+    async def body() -> None:
+        server, port = await _serve(export)
+        cl = await Client.connect_tcp("127.0.0.1", port)
+        fid = await cl.walk("hello.txt")
+        real_stat = server.export.stat
+        on_loop = threading.get_ident()
+        threads: list[bool] = []
+
+        def slow(h):  # type: ignore[no-untyped-def]
+            threads.append(threading.get_ident() == on_loop)
+            time.sleep(s.INLINE_BUDGET * 4)
+            return real_stat(h)
+
+        server.export.stat = slow  # type: ignore[method-assign]
+        await cl.rpc(c.Tgetattr(fid, c.GETATTR_BASIC))
+        assert 24 in server._demoted
+        await cl.rpc(c.Tgetattr(fid, c.GETATTR_BASIC))
+        assert threads == [True, False]  # first inline, then in a worker
+        server.export.stat = real_stat  # type: ignore[method-assign]
+        await cl.clunk(fid)
+        await cl.close()
+        await server.close()
+
+    run(body())
+
+
+def test_uncached_reads_go_to_a_worker(run, export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data that is not in the page cache is read by a worker (RWF_NOWAIT said so)."""
+    from sigpoll.ninep import _server as s
+
+    path = export / "cold"
+    data = os.urandom(1 << 20)
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    calls: list[int] = []
+    real = s._pread_into
+
+    def counting(*args):  # type: ignore[no-untyped-def]
+        calls.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(s, "_pread_into", counting)
+
+    async def body() -> None:
+        server, port = await _serve(export)
+        cl = await Client.connect_tcp("127.0.0.1", port, msize=65536)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        assert await cl.read_file("cold") == data
+        await cl.close()
+        await server.close()
+
+    run(body())
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        os.close(fd)
+    except OSError:
+        return  # no RWF_NOWAIT here: reads are inline and timed instead
+    assert calls, "every read was served inline although the file was not cached"
+
+
+def test_hot_wire_layouts_match_the_codec() -> None:
+    """The server's own layouts for the busiest messages agree with the codec, and
+    anything irregular is left to the codec (None)."""
+    import random
+
+    from sigpoll.ninep import _server as s
+
+    rng = random.Random(5)
+    u32, u64 = (lambda: rng.getrandbits(32)), (lambda: rng.getrandbits(64))
+    for _ in range(200):
+        tag = rng.getrandbits(16)
+        for msg in (c.Tread(u32(), u64(), u32(), tag=tag),
+                    c.Twrite(u32(), u64(), rng.randbytes(rng.randrange(0, 300)), tag=tag),
+                    c.Tgetattr(u32(), u64(), tag=tag), c.Tclunk(u32(), tag=tag),
+                    c.Twalk(u32(), u32(), [rng.choice(["", "a", "ünï", "x" * 300, ".."])
+                                           for _ in range(rng.randrange(0, 17))], tag=tag)):
+            wire = c.encode(msg)
+            quick = s._quick_decode(wire)
+            assert quick is not None and type(quick) is type(msg)
+            assert quick.tag == msg.tag
+            for name in msg.FIELDS:
+                assert bytes(getattr(quick, name)) == getattr(msg, name) if name == "data" \
+                    else getattr(quick, name) == getattr(msg, name)
+        qid = c.Qid(rng.getrandbits(8), u32(), u64())
+        for reply in (c.Rgetattr(u64(), qid, u32(), u32(), u32(), *(u64() for _ in range(15)),
+                                 tag=tag),
+                      c.Rwalk([qid] * rng.randrange(0, 17), tag=tag),
+                      c.Rclunk(tag=tag), c.Rwrite(u32(), tag=tag), c.Rlerror(u32(), tag=tag)):
+            assert s._quick_encode(reply) == c.encode(reply)
+    wire = c.encode(c.Twrite(1, 0, b"abc", tag=1))
+    assert s._quick_decode(wire[:-1] + b"") is None  # count disagrees with the size
+    walk = c.encode(c.Twalk(0, 1, ["ab", "c"], tag=1))
+    for broken in (walk[:-1], walk + b"x", walk[:15] + b"\x11\x00" + walk[17:]):
+        broken = len(broken).to_bytes(4, "little") + broken[4:]
+        assert s._quick_decode(broken) is None  # short, trailing bytes, 17 names
+    assert s._quick_decode(c.encode(c.Tlopen(0, 1, tag=1))) is None
+
+
+def test_server_framing_matches_the_codec_framebuffer() -> None:
+    """Cut at random places, the server's zero-copy framing yields what the codec's
+    FrameBuffer yields, and refuses a bad size the same way."""
+    import random
+
+    from sigpoll.ninep import _server as s
+
+    rng = random.Random(7)
+    msgs = [c.Twrite(i, i, rng.randbytes(rng.randrange(0, 5000)), tag=i) for i in range(40)]
+    stream = b"".join(c.encode(m) for m in msgs)
+    for _ in range(30):
+        ours, ref = s._Frames(8192), c.FrameBuffer(8192)
+        got: list[bytes] = []
+        want: list[bytes] = []
+        pos = 0
+        while pos < len(stream):
+            step = rng.choice([1, 2, 3, 5, 100, 4096, 9000, 70000])
+            chunk = stream[pos:pos + step]
+            pos += step
+            got.extend(bytes(f) for f in ours.feed(chunk))
+            want.extend(ref.feed(chunk))
+        assert got == want and len(got) == len(msgs)
+    bad = c.encode(c.Tclunk(1, tag=1)) + (9000).to_bytes(4, "little") + b"x" * 20
+    for chunks in ([bad], [bad[:13], bad[13:]]):
+        ours = s._Frames(8192)
+        with pytest.raises(c.FramingError) as err:
+            for ch in chunks:
+                ours.feed(ch)
+        assert "outside [7, 8192]" in str(err.value)
+        with pytest.raises(c.FramingError):
+            ours.feed(b"more")

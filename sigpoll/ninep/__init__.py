@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from ._client import Client, File, NinepError, Stat
 from ._codec import FramingError, MessageError, ProtocolError, Qid
-from ._server import NinepServer, Request, ServerHook
+from ._server import Limits, NinepServer, Request, ServerHook
 
 __all__ = [
     "Client",
     "File",
     "FramingError",
+    "Limits",
     "MessageError",
     "NinepError",
     "NinepServer",

@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from ._server import DEFAULT_MSIZE, MIN_MSIZE, NinepServer
+from ._server import DEFAULT_MSIZE, MIN_MSIZE, Limits, NinepServer
 
 __all__ = ["main"]
 
@@ -49,6 +49,12 @@ def _msize(text: str) -> int:
     return int(text)
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m sigpoll.ninep", description="9P2000.L file server")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -63,7 +69,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--squash-uid", type=int, metavar="UID",
                    help="new files belong to UID (and its --squash-gid); chown ignored")
     s.add_argument("--squash-gid", type=int, metavar="GID")
-    s.add_argument("--workers", type=int, default=8, help="file system threads")
+    s.add_argument("--workers", type=_positive, default=8,
+                   help="file system threads")
+    d = Limits()
+    s.add_argument("--max-fids", type=_positive, default=d.max_fids,
+                   metavar="N", help=f"fids per connection, EMFILE past it ({d.max_fids})")
+    s.add_argument("--max-inflight", type=_positive,
+                   default=d.max_inflight, metavar="N",
+                   help="requests waiting for threads per connection; past it the "
+                        f"connection is not read ({d.max_inflight})")
+    s.add_argument("--max-connections", type=_positive,
+                   default=d.max_connections, metavar="N",
+                   help=f"connections at once; more are closed ({d.max_connections})")
+    s.add_argument("--max-queued-output", type=_positive,
+                   default=d.max_queued_output, metavar="BYTES",
+                   help="reply bytes queued for a client that does not read; past it "
+                        f"the connection is not read ({d.max_queued_output})")
+    s.add_argument("--no-inline", dest="inline", action="store_false",
+                   help="every file system call in a thread (for exports on file "
+                        "systems that may hang)")
     s.add_argument("-q", "--quiet", action="store_true", help="no per-connection log")
     return p
 
@@ -77,9 +101,12 @@ def _stopper(stop: asyncio.Future[None]) -> Callable[[], None]:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    limits = Limits(max_fids=args.max_fids, max_inflight=args.max_inflight,
+                    max_connections=args.max_connections,
+                    max_queued_output=args.max_queued_output)
     server = NinepServer(args.dir, read_only=args.read_only, msize=args.msize,
                          squash_uid=args.squash_uid, squash_gid=args.squash_gid,
-                         workers=args.workers)
+                         workers=args.workers, limits=limits, inline=args.inline)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):

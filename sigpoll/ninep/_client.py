@@ -10,6 +10,12 @@ Flush rules the client keeps (flush(5), and Linux's client does the same):
   so it is returned to the cancelled caller instead of CancelledError; only when the
   server dropped the request does the caller see CancelledError.
 
+Outstanding tags are capped (``max_tags``, 256 by default): a caller past the cap waits
+for a tag to come free rather than failing (a Tflush never waits: it may exceed the cap,
+since it is what frees a tag).  A reply frame larger than the negotiated msize ends the
+connection with a clear error, and an Rread or Rreaddir carrying more bytes than were
+asked for is refused as a protocol error.
+
 Replies are handed from the loop thread to waiters on any thread through :class:`_Slot`:
 the reply is stored first and only then is the ``threading.Event`` set (the same order
 as Linux's ``p9_client_cb``: payload, barrier, status), so a waiter that sees the
@@ -23,6 +29,7 @@ import errno
 import os
 import stat as stat_mod
 import threading
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +37,10 @@ from typing import Any
 from . import _codec as c
 from ._codec import Message, Qid
 
-__all__ = ["Client", "File", "NinepError", "Stat"]
+__all__ = ["Client", "File", "NinepError", "Stat", "DEFAULT_MAX_TAGS"]
+
+#: Requests one client keeps outstanding at most (callers past it wait their turn).
+DEFAULT_MAX_TAGS = 256
 
 _DOTL_WRONLY, _DOTL_RDWR = 1, 2
 _DOTL_CREATE, _DOTL_TRUNC, _DOTL_APPEND, _DOTL_EXCL = 0o100, 0o1000, 0o2000, 0o200
@@ -60,10 +70,12 @@ class Stat:
 class _Slot:
     """One outstanding request.  ``reply``/``error`` are written before ``event`` is set."""
 
-    __slots__ = ("tag", "request", "reply", "error", "event", "future", "flushing")
+    __slots__ = ("tag", "request", "reply", "error", "event", "future", "flushing", "counted")
 
-    def __init__(self, tag: int, request: Message) -> None:
+    def __init__(self, tag: int, request: Message, counted: bool = False) -> None:
         self.tag = tag
+        #: It holds one of the client's ``max_tags`` places (see Client._claim).
+        self.counted = counted
         self.request = request
         self.reply: Message | None = None
         self.error: BaseException | None = None
@@ -94,7 +106,22 @@ class _Slot:
             raise c.ProtocolError(
                 f"{type(reply).__name__} in answer to {type(self.request).__name__}"
             )
+        if reply.TYPE in (117, 41) and len(reply.data) > self.request.count:
+            raise c.ProtocolError(
+                f"{type(reply).__name__} carries {len(reply.data)} bytes, more than the "
+                f"{self.request.count} asked for"
+            )
         return reply
+
+
+class _ThreadWaiter:
+    """A thread waiting for a free tag place (``owned`` is set when one is handed over)."""
+
+    __slots__ = ("event", "owned")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.owned = False
 
 
 class _Protocol(asyncio.Protocol):
@@ -117,7 +144,10 @@ class Client:
     :meth:`rpc_blocking` may be called from any other thread.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, msize: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, msize: int,
+                 max_tags: int = DEFAULT_MAX_TAGS) -> None:
+        if not isinstance(max_tags, int) or not 1 <= max_tags <= 0xFFFE // 2:
+            raise ValueError(f"max_tags must be from 1 to {0xFFFE // 2}, got {max_tags!r}")
         self._loop = loop
         self._transport: asyncio.WriteTransport | None = None
         self._writer: asyncio.WriteTransport | None = None
@@ -125,6 +155,11 @@ class Client:
         self._lock = threading.Lock()
         self._slots: dict[int, _Slot] = {}
         self._free_tags = list(range(0xFFFE, -1, -1))
+        # Outstanding requests holding a place, the cap, and who waits for a place (in
+        # arrival order): futures of coroutines on the loop, _ThreadWaiters of threads.
+        self._used = 0
+        self.max_tags = max_tags
+        self._tag_waiters: deque[asyncio.Future[None] | _ThreadWaiter] = deque()
         self._next_fid = 1
         self._free_fids: list[int] = []
         self._closed_exc: BaseException | None = None
@@ -137,9 +172,10 @@ class Client:
 
     @classmethod
     async def connect_tcp(cls, host: str, port: int, **kw: Any) -> Client:
-        """Connect over TCP and attach (keywords as for :meth:`_handshake`)."""
+        """Connect over TCP and attach (keywords as for :meth:`_handshake`, plus
+        ``max_tags``: requests outstanding at once, further callers wait)."""
         loop = asyncio.get_running_loop()
-        self = cls(loop, kw.get("msize", 512 * 1024))
+        self = cls(loop, kw.get("msize", 512 * 1024), kw.pop("max_tags", DEFAULT_MAX_TAGS))
         await loop.create_connection(lambda: _Protocol(self), host, port)
         await self._start(**kw)
         return self
@@ -147,7 +183,7 @@ class Client:
     @classmethod
     async def connect_unix(cls, path: str, **kw: Any) -> Client:
         loop = asyncio.get_running_loop()
-        self = cls(loop, kw.get("msize", 512 * 1024))
+        self = cls(loop, kw.get("msize", 512 * 1024), kw.pop("max_tags", DEFAULT_MAX_TAGS))
         await loop.create_unix_connection(lambda: _Protocol(self), path)
         await self._start(**kw)
         return self
@@ -158,7 +194,7 @@ class Client:
         import socket
 
         loop = asyncio.get_running_loop()
-        self = cls(loop, kw.get("msize", 512 * 1024))
+        self = cls(loop, kw.get("msize", 512 * 1024), kw.pop("max_tags", DEFAULT_MAX_TAGS))
         if wfd is None or wfd == rfd:
             sock = socket.socket(fileno=os.dup(rfd))
             sock.setblocking(False)
@@ -215,7 +251,10 @@ class Client:
         except c.FramingError as exc:
             for frame in exc.frames:
                 self._reply_frame(frame)
-            self._lost(exc)
+            # Most likely a reply bigger than the msize both sides agreed on: nothing
+            # after it can be trusted, so the connection ends, and every caller is told.
+            self._lost(c.ProtocolError(
+                f"server sent an unusable frame ({exc}; negotiated msize {self.msize})"))
             if self._transport is not None:
                 self._transport.abort()  # type: ignore[attr-defined]
             return
@@ -253,6 +292,70 @@ class Client:
             del self._slots[slot.tag]
             if slot.tag != c.NOTAG:
                 self._free_tags.append(slot.tag)
+            if slot.counted:
+                slot.counted = False
+                self._unclaim()
+
+    # ------------------------------------------------------------------ tag places
+
+    def _unclaim(self) -> None:
+        """A place is free again: hand it to the first waiter, if any.  Lock held."""
+        while self._tag_waiters:
+            w = self._tag_waiters.popleft()
+            if isinstance(w, _ThreadWaiter):
+                w.owned = True
+                w.event.set()
+                return
+            if w.done():
+                continue  # its coroutine was cancelled meanwhile
+            if threading.get_ident() == self._loop_thread:
+                w.set_result(None)
+            else:
+                self._loop.call_soon_threadsafe(self._hand_over, w)
+            return
+        self._used -= 1
+
+    def _hand_over(self, fut: asyncio.Future[None]) -> None:
+        with self._lock:
+            if fut.done():
+                self._unclaim()  # cancelled before it could take the place
+            else:
+                fut.set_result(None)
+
+    async def _claim(self) -> None:
+        """Take a place among ``max_tags``, waiting for one to come free."""
+        with self._lock:
+            if self._used < self.max_tags or self._closed_exc is not None:
+                self._used += 1
+                return
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._tag_waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            with self._lock:
+                if fut.done() and not fut.cancelled():
+                    self._unclaim()  # handed a place just as it was cancelled
+                else:
+                    try:
+                        self._tag_waiters.remove(fut)
+                    except ValueError:
+                        pass
+            raise
+
+    def _claim_blocking(self, timeout: float | None) -> None:
+        with self._lock:
+            if self._used < self.max_tags or self._closed_exc is not None:
+                self._used += 1
+                return
+            w = _ThreadWaiter()
+            self._tag_waiters.append(w)
+        w.event.wait(timeout)
+        with self._lock:
+            if w.owned:
+                return
+            self._tag_waiters.remove(w)
+        raise TimeoutError(f"no free tag in {timeout}s ({self.max_tags} outstanding)")
 
     def _lost(self, exc: BaseException | None) -> None:
         with self._lock:
@@ -260,21 +363,30 @@ class Client:
                 self._closed_exc = ConnectionError(f"9P connection closed: {exc or 'EOF'}")
             slots = list(self._slots.values())
             self._slots.clear()
+            # Whoever waits for a tag place gets one, and then the closed error.
+            while self._tag_waiters:
+                self._used += 1
+                self._unclaim()
         for slot in slots:
             if not slot.event.is_set():
                 slot.publish(None, self._closed_exc)
 
-    def _submit(self, msg: Message, tag: int | None = None) -> _Slot:
-        """Assign a tag, register the slot, send.  Safe from any thread."""
+    def _submit(self, msg: Message, tag: int | None = None, counted: bool = False) -> _Slot:
+        """Assign a tag, register the slot, send.  Safe from any thread.
+
+        ``counted``: the caller holds a place from :meth:`_claim`; the slot keeps it
+        until it is released (or gives it back at once if nothing is sent)."""
         with self._lock:
-            if self._closed_exc is not None:
-                raise self._closed_exc
+            if self._closed_exc is not None or (tag is None and not self._free_tags):
+                if counted:
+                    self._unclaim()
+                if self._closed_exc is not None:
+                    raise self._closed_exc
+                raise RuntimeError("all 65535 tags are in use")
             if tag is None:
-                if not self._free_tags:
-                    raise RuntimeError("all 65535 tags are in use")
                 tag = self._free_tags.pop()
             msg.tag = tag
-            slot = _Slot(tag, msg)
+            slot = _Slot(tag, msg, counted)
             self._slots[tag] = slot
         data = c.encode(msg)
         if threading.get_ident() == self._loop_thread:
@@ -295,8 +407,12 @@ class Client:
         """Send ``msg`` and return its reply (NinepError for Rlerror).
 
         Cancellation sends Tflush; see the module docstring for what is returned then.
+        With ``max_tags`` requests outstanding, it first waits for one to finish.
         """
-        slot = self._submit(msg, tag)
+        counted = tag is None and msg.TYPE != 108
+        if counted:
+            await self._claim()
+        slot = self._submit(msg, tag, counted)
         assert slot.future is not None
         try:
             await asyncio.shield(slot.future)
@@ -329,7 +445,8 @@ class Client:
         """Send from a thread other than the loop's and wait for the reply there."""
         if threading.get_ident() == self._loop_thread:
             raise RuntimeError("rpc_blocking() would deadlock on the loop thread")
-        slot = self._submit(msg)
+        self._claim_blocking(timeout)
+        slot = self._submit(msg, counted=True)
         if not slot.event.wait(timeout):
             raise TimeoutError(f"no reply to {type(msg).__name__} in {timeout}s")
         return slot.result()

@@ -154,8 +154,8 @@ class Export:
             return Handle(fd, h.path[:-1])
         if not name or "/" in name or "\0" in name:
             raise OSError(errno.ENOENT, "no such name")
-        if not stat.S_ISDIR(os.fstat(h.fd).st_mode):
-            raise OSError(errno.ENOTDIR, "not a directory")
+        # No fstat first: openat() relative to anything but a directory (a file, or a
+        # symlink opened as itself) fails with ENOTDIR on its own.
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=h.fd)
         return Handle(fd, h.path + (name,))
 

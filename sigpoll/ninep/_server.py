@@ -16,6 +16,25 @@ flush naming itself or a tag that is not pending.
 Replies leave in completion order, not request order; a slow file system call never
 holds up the others.  Blocking calls go to a bounded thread pool; each is retried on
 EINTR so an interrupted host call never turns into an error the client sees.
+
+Fast path.  A handoff to the pool and back costs far more than a walk, a getattr or a
+read from the page cache, so the cheap operations (walk, getattr, clunk, statfs,
+readlink, lopen of a regular file or directory, read and write of a regular file) run
+inline on the loop, and their replies are batched into one write per batch of frames.
+They are kept honest three ways: reads ask the kernel first with ``RWF_NOWAIT`` and go
+to the pool when the data is not in the page cache; an inline call that takes longer
+than :data:`INLINE_BUDGET` sends that kind of operation to the pool for the next
+:data:`DEMOTE_SECONDS`; and anything that might wait on another party (fifos, devices,
+fsync, locks, readdir, creation) always goes to the pool.  An inline request is never
+pending when the next frame is read, so a Tflush naming it finds nothing to wait for and
+its Rflush follows its reply, as flush(5) asks.  With a :class:`ServerHook` installed (the
+flush tests) or ``inline=False`` every request takes the pool path, where it can be held.
+
+Limits (:class:`Limits`): fids per connection (EMFILE beyond it; Tclunk frees one),
+requests in the pool path per connection and bytes queued for the peer (past either,
+the connection stops reading -- backpressure, not an error -- until it drops again),
+connections per server (a new one is closed at once, with a log line), and the msize
+(the ``msize`` argument).
 """
 
 from __future__ import annotations
@@ -25,18 +44,23 @@ import errno
 import logging
 import os
 import pwd
+import resource
 import socket
 import stat
+import struct
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, Union
 
 from . import _codec as c
 from ._codec import Message, MessageError, ProtocolError
 from ._fs import Export, Handle
 
-__all__ = ["NinepServer", "ServerHook", "Request", "DEFAULT_MSIZE"]
+__all__ = ["NinepServer", "ServerHook", "Request", "Limits", "DEFAULT_MSIZE",
+           "INLINE_BUDGET", "DEMOTE_SECONDS"]
 
 log = logging.getLogger("sigpoll.ninep")
 
@@ -48,6 +72,214 @@ _RW_OVERHEAD = 11
 _IOHDRSZ = 24
 
 V9FS_MAGIC = 0x01021997
+
+#: Seconds an inline call may take before its kind of operation is sent to the pool.
+INLINE_BUDGET = 0.005
+#: How long such a demotion lasts before the operation is tried inline again.
+DEMOTE_SECONDS = 1.0
+#: Largest Twrite done inline (bigger ones go to the pool).
+_INLINE_WRITE_MAX = 256 * 1024
+#: Replies at least this big are written on their own instead of joined into a batch
+#: (joining would copy them once more for nothing).
+_BIG_REPLY = 16 * 1024
+# Rread is size[4] type[1] tag[2] count[4] data: the hot path lays it out itself so the
+# data is read straight into the reply (the layout is the codec's; a test compares).
+_S_RREAD = struct.Struct("<IBHI")
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+_S_SIZE = struct.Struct("<I")
+
+
+# ---------------------------------------------------------------------------- hot wire
+#
+# The codec is general (a plan per message type, every field checked); that generality
+# costs a few microseconds per message, as much as the file system call behind a
+# getattr.  The handful of messages that make up nearly all traffic (Twalk, Tread,
+# Twrite, Tgetattr, Tclunk and their replies, Rlerror) are fixed layouts, laid out here
+# with one precompiled struct each.  Anything irregular falls back to the codec, which
+# then gives the usual errors; tests/test_ninep_server.py checks both agree.
+
+_S_TREAD = struct.Struct("<IBHIQI")      # size type tag fid offset count
+_S_TWRITE = struct.Struct("<IBHIQI")     # size type tag fid offset count, then data
+_S_TGETATTR = struct.Struct("<IBHIQ")    # size type tag fid request_mask
+_S_TCLUNK = struct.Struct("<IBHI")       # size type tag fid
+_S_TWALK = struct.Struct("<IBHIIH")      # size type tag fid newfid nwname, then names
+_S_R0 = struct.Struct("<IBH")            # a reply with no body
+_S_R32 = struct.Struct("<IBHI")          # a reply with one u32 (Rwrite, Rlerror)
+# valid, qid, mode uid gid, then nlink rdev size blksize blocks, four times sec+nsec,
+# gen and data_version: 15 u64s.
+_S_RGETATTR = struct.Struct("<IBHQBIQIII" + "Q" * 15)
+_S_RWALK = struct.Struct("<IBHH")
+_S_QID = struct.Struct("<BIQ")
+
+
+def _quick_decode(frame: bytes | memoryview) -> Message | None:
+    """The hot T-messages without the codec's generality (None: use the codec)."""
+    n = len(frame)
+    if n < 11:
+        return None
+    mtype = frame[4]
+    if mtype == 116 and n == 23:
+        _, _, tag, fid, offset, count = _S_TREAD.unpack_from(frame)
+        m = _new(c.Tread)
+        m.fid, m.offset, m.count = fid, offset, count
+    elif mtype == 118 and n >= 23:
+        _, _, tag, fid, offset, count = _S_TWRITE.unpack_from(frame)
+        if count != n - 23:
+            return None
+        m = _new(c.Twrite)
+        # A view, not a copy: the frame is never modified (see _Frames); a request
+        # that goes to the pool gets its own copy first (_dispatch).
+        m.fid, m.offset, m.data = fid, offset, memoryview(frame)[23:]
+    elif mtype == 110 and n >= 17:
+        _, _, tag, fid, newfid, nw = _S_TWALK.unpack_from(frame)
+        if nw > c.MAXWELEM:
+            return None
+        names = []
+        pos = 17
+        for _ in range(nw):
+            if pos + 2 > n:
+                return None
+            ln = frame[pos] | frame[pos + 1] << 8
+            pos += 2
+            if pos + ln > n:
+                return None
+            names.append(bytes(frame[pos:pos + ln]).decode("utf-8", "surrogateescape"))
+            pos += ln
+        if pos != n:
+            return None
+        m = _new(c.Twalk)
+        m.fid, m.newfid, m.wnames = fid, newfid, names
+    elif mtype == 24 and n == 19:
+        _, _, tag, fid, mask = _S_TGETATTR.unpack_from(frame)
+        m = _new(c.Tgetattr)
+        m.fid, m.request_mask = fid, mask
+    elif mtype == 120 and n == 11:
+        _, _, tag, fid = _S_TCLUNK.unpack_from(frame)
+        m = _new(c.Tclunk)
+        m.fid = fid
+    else:
+        return None
+    m.tag = tag
+    return m
+
+
+def _new(cls: type[Message]) -> Any:
+    # What Message.__init__ does, without its generic checks: fields are set by the caller.
+    return cls.__new__(cls)
+
+
+def _quick_encode(msg: Message) -> bytes | None:
+    """The hot R-messages without the codec's generality (None: use the codec)."""
+    t = msg.TYPE
+    if t == 25:
+        q = msg.qid
+        return _S_RGETATTR.pack(
+            _S_RGETATTR.size, 25, msg.tag, msg.valid, q[0], q[1], q[2], msg.mode, msg.uid,
+            msg.gid, msg.nlink, msg.rdev, msg.size, msg.blksize, msg.blocks, msg.atime_sec,
+            msg.atime_nsec, msg.mtime_sec, msg.mtime_nsec, msg.ctime_sec, msg.ctime_nsec,
+            msg.btime_sec, msg.btime_nsec, msg.gen, msg.data_version)
+    if t == 111:
+        qids = msg.wqids
+        if len(qids) > c.MAXWELEM:
+            return None
+        parts = [_S_RWALK.pack(_S_RWALK.size + 13 * len(qids), 111, msg.tag, len(qids))]
+        parts.extend(_S_QID.pack(*q) for q in qids)
+        return b"".join(parts)
+    if t == 121:
+        return _S_R0.pack(7, 121, msg.tag)
+    if t == 119:
+        return _S_R32.pack(11, 119, msg.tag, msg.count)
+    if t == 7:
+        return _S_R32.pack(11, 7, msg.tag, msg.ecode)
+    return None
+
+
+class _Frames:
+    """Cuts the byte stream into frames, copying as little as possible.
+
+    Whole frames inside one chunk from the transport are handed out as views of that
+    chunk (``bytes``, never modified); only a frame split across chunks is assembled in
+    a fresh ``bytearray``, which is never resized once a view of it exists.  A size
+    field below the header or above ``max_size`` raises ``FramingError`` (with the whole
+    frames that came before it), after which the stream is refused.
+    """
+
+    __slots__ = ("max_size", "_part", "_broken")
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._part = bytearray()
+        self._broken = False
+
+    def __len__(self) -> int:
+        return len(self._part)
+
+    def _check(self, size: int, frames: list[memoryview]) -> None:
+        if size < c.HEADER_SIZE or size > self.max_size:
+            self._broken = True
+            self._part = bytearray()
+            raise c.FramingError(
+                f"frame size {size} outside [{c.HEADER_SIZE}, {self.max_size}]",
+                [bytes(f) for f in frames])
+
+    def feed(self, data: bytes) -> list[memoryview]:
+        if self._broken:
+            raise c.FramingError("stream already failed to frame")
+        frames: list[memoryview] = []
+        view = memoryview(data)
+        n = len(view)
+        pos = 0
+        part = self._part
+        if part:
+            # Finish the frame left over from the last chunk, copying only its bytes.
+            if len(part) < 4:
+                take = min(4 - len(part), n)
+                part += view[:take]
+                pos = take
+                if len(part) < 4:
+                    return frames
+            (size,) = _S_SIZE.unpack_from(part)
+            self._check(size, frames)
+            take = min(size - len(part), n - pos)
+            part += view[pos:pos + take]
+            pos += take
+            if len(part) < size:
+                return frames
+            frames.append(memoryview(part))
+            self._part = bytearray()
+        while n - pos >= 4:
+            (size,) = _S_SIZE.unpack_from(view, pos)
+            self._check(size, frames)
+            if n - pos < size:
+                break
+            frames.append(view[pos:pos + size])
+            pos += size
+        if pos < n:
+            self._part = bytearray(view[pos:])
+        return frames
+
+
+
+class _Defer:
+    """Returned by a fast handler: take the pool path, with this handler."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: Callable[[_Connection, Message], Awaitable[_Reply]]) -> None:
+        self.handler = handler
+
+
+def _sleeps() -> int:
+    """Times this thread has gone to sleep of its own accord (blocked in a call) so far.
+
+    An inline call over budget only counts as slow when this moved: a call that blocked
+    on the disk sleeps, while one that was merely preempted on a busy machine does not.
+    """
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+
+#: A reply: a message, or bytes already encoded (with their tag) by a fast path.
+_Reply = Union[Message, bytes, bytearray, memoryview]
 
 T = TypeVar("T")
 
@@ -67,6 +299,32 @@ class ServerHook(Protocol):
     async def after(self, request: Request) -> None: ...
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Per-server caps; each is hit with a clear answer instead of growing without bound.
+
+    ``max_fids``: fids one connection may hold; Tattach/Twalk/Txattrwalk past it get
+    ``Rlerror(EMFILE)`` (Tclunk frees one).  ``max_inflight``: requests of one connection
+    waiting for or running in the thread pool; past it the server stops reading that
+    connection until one finishes (TCP then pushes back on the client).
+    ``max_connections``: connections one server serves at once; a new one past it is
+    closed at once and logged.  ``max_queued_output``: bytes of replies queued for a
+    client that does not read them; past it the server stops reading that connection
+    (and so stops taking new work) until the client drains them.
+    """
+
+    max_fids: int = 16384
+    max_inflight: int = 256
+    max_connections: int = 256
+    max_queued_output: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_fids", "max_inflight", "max_connections", "max_queued_output"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass(eq=False)
 class Request:
     """One pending T-message on a connection."""
@@ -78,7 +336,7 @@ class Request:
     #: Tags of the Tflush requests waiting on this one, in arrival order.
     flushers: list[int] = field(default_factory=list)
     #: The reply decided for it (None while running, or when aborted).
-    reply: Message | None = None
+    reply: _Reply | None = None
 
 
 @dataclass(eq=False)
@@ -92,6 +350,10 @@ class _Fid:
     xattr_new: tuple[str, int, int, bytearray] | None = None
     refs: int = 0
     clunked: bool = False
+    #: The open file is a regular file (reads and writes may run inline).
+    regular: bool = False
+    #: The file system answers RWF_NOWAIT reads (tried until it says EOPNOTSUPP).
+    nowait: bool = True
 
     def close(self) -> None:
         if self.open_fd is not None:
@@ -128,7 +390,10 @@ class NinepServer:
     ``squash_uid``/``squash_gid``: give new files to this user instead of the attaching
     one, and ignore chown requests.  ``msize``: the largest message we accept.
     ``workers``: threads for file system calls (and the bound on calls running at once).
-    ``hook``: see :class:`ServerHook`.
+    ``limits``: see :class:`Limits`.  ``inline``: run cheap calls on the loop (see the
+    module docstring); turn it off for an export on a file system whose metadata calls
+    may hang (a network file system), so that only pool threads ever wait on it.
+    ``hook``: see :class:`ServerHook` (it turns the inline path off).
 
     Use :meth:`start_tcp`, :meth:`start_unix` or :meth:`serve_fds` inside a running
     loop; :meth:`close` ends everything.
@@ -137,18 +402,26 @@ class NinepServer:
     def __init__(self, root: str | os.PathLike[str], *, read_only: bool = False,
                  squash_uid: int | None = None, squash_gid: int | None = None,
                  msize: int = DEFAULT_MSIZE, workers: int = 8,
+                 limits: Limits | None = None, inline: bool = True,
                  hook: ServerHook | None = None) -> None:
-        if msize < MIN_MSIZE:
-            raise ValueError(f"msize must be at least {MIN_MSIZE}")
+        if not isinstance(msize, int) or msize < MIN_MSIZE or msize > 0xFFFFFFFF:
+            raise ValueError(f"msize must be an integer from {MIN_MSIZE} to 4294967295")
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
         self.export = Export(root, read_only=read_only, squash_uid=squash_uid,
                              squash_gid=squash_gid)
         self.msize = msize
+        self.limits = limits if limits is not None else Limits()
         self.hook = hook
+        self.inline = inline and hook is None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ninep-fs")
         self._workers = workers
         self._slots: asyncio.Semaphore | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self.connections: set[_Connection] = set()
+        # Message type -> time.monotonic() until which it runs in the pool, after an
+        # inline call of that type went over INLINE_BUDGET.
+        self._demoted: dict[int, float] = {}
         self._closed = False
 
     # ------------------------------------------------------------------ transports
@@ -202,7 +475,7 @@ class NinepServer:
                 tty.setraw(rfd)
             r = os.fdopen(os.dup(rfd), "rb", buffering=0)
             w = os.fdopen(os.dup(wfd), "wb", buffering=0)
-            wtransport, _ = await loop.connect_write_pipe(asyncio.Protocol, w)
+            wtransport, _ = await loop.connect_write_pipe(lambda: _WriteSide(conn), w)
             conn.set_writer(wtransport)
             await loop.connect_read_pipe(lambda: conn, r)
         await conn.closed
@@ -234,6 +507,33 @@ class NinepServer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, _retry_eintr, fn, *args)
 
+    def _inline_ok(self, mtype: int) -> bool:
+        until = self._demoted.get(mtype)
+        if until is None:
+            return True
+        if time.monotonic() < until:
+            return False
+        del self._demoted[mtype]
+        return True
+
+    def _demote(self, mtype: int, took: float) -> None:
+        log.debug("ninep: inline %d took %.1f ms; to the pool for %.1f s", mtype,
+                  took * 1e3, DEMOTE_SECONDS)
+        self._demoted[mtype] = time.monotonic() + DEMOTE_SECONDS
+
+
+class _WriteSide(asyncio.Protocol):
+    """Protocol of a separate write pipe: passes flow control on to the connection."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
+
 
 class _Connection(asyncio.Protocol):
     """State of one client connection: negotiated msize, fids, pending requests."""
@@ -241,32 +541,66 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: NinepServer, peer: str) -> None:
         self.server = server
         self.fs = server.export
+        self.limits = server.limits
         self.peer = peer
         self.msize = server.msize
-        self.frames = c.FrameBuffer(server.msize)
+        self.frames = _Frames(server.msize)
         self.transport: asyncio.BaseTransport | None = None
         self._writer: asyncio.WriteTransport | None = None
         self.fids: dict[int, _Fid] = {}
         self.pending: dict[int, Request] = {}
         self.versioned = False
         self.lost = False
+        self.refused = False
         self._running = 0
-        loop = asyncio.get_running_loop()
-        self.closed: asyncio.Future[None] = loop.create_future()
+        # Replies waiting to go out in one write, and whether a write is due.
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._batching = False
+        self._flush_due = False
+        # Frames read but not dispatched yet, while the connection is over a limit.
+        self._backlog: deque[memoryview] = deque()
+        self._write_paused = False
+        self._read_paused = False
+        # _sleeps() when the current batch of frames started (see _dispatch).
+        self._sleeps_mark = 0
+        # Set by a fast handler whose call cannot wait (an RWF_NOWAIT read).
+        self._self_timed = False
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
 
     # ------------------------------------------------------------------ transport side
 
     def set_writer(self, transport: asyncio.WriteTransport) -> None:
         """Use a separate write transport (pipe pairs)."""
         self._writer = transport
+        self._set_write_limit(transport)
+
+    def _set_write_limit(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            transport.set_write_buffer_limits(  # type: ignore[attr-defined]
+                high=self.limits.max_queued_output)
+        except (AttributeError, NotImplementedError):  # a transport without flow control
+            pass
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        if self._writer is None:
-            self._writer = transport  # type: ignore[assignment]
         if not self.peer:
             name = transport.get_extra_info("peername")
             self.peer = str(name) if name else "?"
+        max_conn = self.limits.max_connections
+        if len(self.server.connections) >= max_conn:
+            # Nothing has been said on this connection yet, so there is no tag to answer
+            # with an error: close it and say why where the operator will see it.
+            self.refused = True
+            log.warning("ninep: refusing connection from %s: already %d connections "
+                        "(max_connections)", self.peer, max_conn)
+            transport.close()
+            if self._writer is not None:
+                self._writer.close()
+            return
+        if self._writer is None:
+            self._writer = transport  # type: ignore[assignment]
+            self._set_write_limit(transport)
         self.server.connections.add(self)
         log.info("ninep: connection from %s", self.peer)
 
@@ -280,8 +614,14 @@ class _Connection(asyncio.Protocol):
         if self.lost:
             return
         self.lost = True
+        self._out.clear()
+        self._backlog.clear()
         if self._writer is not None and self._writer is not self.transport:
             self._writer.close()
+        if self.refused:
+            if not self.closed.done():
+                self.closed.set_result(None)
+            return
         log.info("ninep: connection from %s closed", self.peer)
         # Requests that have not reached the file system are dropped; running ones
         # finish in their threads and release their fids, after which all fids close.
@@ -306,35 +646,143 @@ class _Connection(asyncio.Protocol):
         try:
             frames = self.frames.feed(data)
         except c.FramingError as exc:
-            for frame in exc.frames:
-                self._dispatch(frame)
+            self._batching = True
+            self._sleeps_mark = _sleeps()
+            try:
+                # The good frames before the bad one are answered, unless the
+                # connection is already over a limit (it is closing anyway).
+                for good in exc.frames:
+                    if self._backlog or self._over_limit():
+                        break
+                    self._dispatch(good)
+            finally:
+                self._batching = False
+            self._flush_out()
             log.warning("ninep: %s: %s; closing", self.peer, exc)
             self.abort()
             return
-        for frame in frames:
-            self._dispatch(frame)
+        if not frames:
+            return
+        if self._backlog:
+            self._backlog.extend(frames)
+            return
+        self._batching = True
+        self._sleeps_mark = _sleeps()
+        try:
+            for i, frame in enumerate(frames):
+                if self._over_limit():
+                    # Keep the rest, in order, until the connection is under its limits.
+                    self._backlog.extend(frames[i:])
+                    self._pause_reading()
+                    break
+                self._dispatch(frame)
+        finally:
+            self._batching = False
+        self._flush_out()
 
     def eof_received(self) -> bool | None:
         return None
+
+    # ------------------------------------------------------------------ flow control
+
+    def _over_limit(self) -> bool:
+        return self._running >= self.limits.max_inflight or self._write_paused
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self.lost:
+            self._read_paused = True
+            try:
+                self.transport.pause_reading()  # type: ignore[attr-defined]
+            except (AttributeError, NotImplementedError, RuntimeError):
+                pass
+
+    def _resume(self) -> None:
+        """Dispatch the backlog while under the limits; read again once it is empty."""
+        if self.lost or self._over_limit():
+            return
+        if self._backlog:
+            self._batching = True
+            self._sleeps_mark = _sleeps()
+            try:
+                while self._backlog and not self._over_limit() and not self.lost:
+                    self._dispatch(self._backlog.popleft())
+            finally:
+                self._batching = False
+            self._flush_out()
+        if not self._backlog and self._read_paused and not self._over_limit():
+            self._read_paused = False
+            try:
+                self.transport.resume_reading()  # type: ignore[union-attr]
+            except (AttributeError, NotImplementedError, RuntimeError):
+                pass
+
+    def pause_writing(self) -> None:
+        # The peer is not reading its replies: take no new work until it does.
+        self._write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._resume()
+
+    # ------------------------------------------------------------------ output
+
+    def _emit(self, data: bytes | bytearray | memoryview) -> None:
+        if self.lost or self._writer is None:
+            return
+        if len(data) >= _BIG_REPLY:
+            # Large payloads go out on their own (after what is queued before them).
+            if self._out:
+                self._flush_out()
+            self._writer.write(data)
+            return
+        self._out.append(data)
+        if not self._batching and not self._flush_due:
+            # Replies finishing in the same loop iteration share one write.
+            self._flush_due = True
+            self._loop.call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._flush_due = False
+        out = self._out
+        if not out:
+            return
+        if self.lost or self._writer is None:
+            out.clear()
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._writer.write(data)
 
     def _send(self, msg: Message) -> None:
         if self.lost or self._writer is None:
             return
         try:
-            data = c.encode(msg)
+            try:
+                data = _quick_encode(msg)
+            except struct.error:  # a value out of range: the codec says which
+                data = None
+            if data is None:
+                data = c.encode(msg)
         except ProtocolError as exc:  # a reply we cannot encode is a bug: say so
             log.error("ninep: cannot encode %r: %s", msg, exc)
             data = c.encode(c.Rlerror(errno.EIO, tag=msg.tag))
-        self._writer.write(data)
+        self._emit(data)
+
+    def _send_reply(self, reply: _Reply) -> None:
+        if isinstance(reply, Message):
+            self._send(reply)
+        else:
+            self._emit(reply)
 
     def _error(self, tag: int, err: int) -> None:
         self._send(c.Rlerror(err, tag=tag))
 
     # ------------------------------------------------------------------ dispatch
 
-    def _dispatch(self, frame: bytes) -> None:
+    def _dispatch(self, frame: bytes | memoryview) -> None:
         try:
-            msg = c.decode(frame)
+            msg = _quick_decode(frame) or c.decode(frame)
         except MessageError as exc:
             if exc.tag is None:
                 return
@@ -370,10 +818,51 @@ class _Connection(asyncio.Protocol):
         if handler is None:
             self._error(msg.tag, errno.EOPNOTSUPP)
             return
+        server = self.server
+        if server.inline:
+            fast = _FAST.get(mtype)
+            if fast is not None and server._inline_ok(mtype):
+                self._self_timed = False
+                t0 = time.perf_counter()
+                reply = self._run_fast(fast, msg)
+                took = time.perf_counter() - t0
+                if took > INLINE_BUDGET and self._batching and not self._self_timed:
+                    # The loop thread sleeps nowhere else within a batch, so a sleep
+                    # since the batch began was this call waiting for the file system.
+                    now = _sleeps()
+                    if now != self._sleeps_mark:
+                        server._demote(mtype, took)
+                        self._sleeps_mark = now
+                if isinstance(reply, _Defer):
+                    handler = reply.handler
+                elif reply is not None:
+                    self._send_reply(reply)
+                    return
+                # None or _Defer: this one needs the pool after all (data not cached,
+                # not a regular file...); it takes the ordinary path below.
+        if mtype == 118 and isinstance(msg.data, memoryview):
+            wmsg: Any = msg
+            wmsg.data = bytes(msg.data)  # it may outlive this chunk in the pool path
         req = Request(msg.tag, msg)
         self.pending[msg.tag] = req
         self._running += 1
-        req.task = asyncio.get_running_loop().create_task(self._run(req, handler))
+        req.task = self._loop.create_task(self._run(req, handler))
+
+    def _run_fast(self, fast: _Fast, msg: Message) -> _Reply | _Defer | None:
+        try:
+            reply = fast(self, msg)
+        except _Error as exc:
+            return c.Rlerror(exc.errno, tag=msg.tag)
+        except OSError as exc:
+            return c.Rlerror(exc.errno or errno.EIO, tag=msg.tag)
+        except ProtocolError as exc:
+            return c.Rlerror(exc.errno, tag=msg.tag)
+        except Exception:  # a bug must not kill the connection
+            log.exception("ninep: %s failed", type(msg).__name__)
+            return c.Rlerror(errno.EIO, tag=msg.tag)
+        if isinstance(reply, Message):
+            reply.tag = msg.tag
+        return reply
 
     def _version(self, msg: Message) -> None:
         # Tversion starts a new session: everything pending is abandoned and every fid
@@ -416,13 +905,13 @@ class _Connection(asyncio.Protocol):
         if target.state in (HELD, QUEUED) and target.task is not None:
             target.task.cancel()
 
-    def _finish(self, req: Request, reply: Message | None) -> None:
+    def _finish(self, req: Request, reply: _Reply | None) -> None:
         """Send ``reply`` (None: aborted, say nothing), then the Rflush of each flusher."""
         if self.pending.get(req.tag) is req:
             del self.pending[req.tag]
         req.state = DONE
         if reply is not None:
-            self._send(reply)
+            self._send_reply(reply)
         for ftag in req.flushers:
             freq = self.pending.get(ftag)
             if freq is not None and freq.msg.TYPE == 108:
@@ -434,8 +923,7 @@ class _Connection(asyncio.Protocol):
                 # flush and leave that request alone.
                 self._send(c.Rflush(tag=ftag))
 
-    async def _run(self, req: Request, handler: Callable[[_Connection, Message],
-                                                           Awaitable[Message]]) -> None:
+    async def _run(self, req: Request, handler: _Handler) -> None:
         try:
             try:
                 if self.server.hook is not None:
@@ -465,7 +953,8 @@ class _Connection(asyncio.Protocol):
                     reply = c.Rlerror(errno.EIO, tag=req.tag)
             finally:
                 slots.release()
-            reply.tag = req.tag
+            if isinstance(reply, Message):
+                reply.tag = req.tag
             req.reply = reply
             req.state = REPLYING
             if self.server.hook is not None:
@@ -474,6 +963,8 @@ class _Connection(asyncio.Protocol):
         finally:
             self._running -= 1
             self._maybe_finish_close()
+            if self._backlog or self._read_paused:
+                self._resume()
 
     # ------------------------------------------------------------------ fid helpers
 
@@ -506,6 +997,19 @@ class _Connection(asyncio.Protocol):
     def _check_new(self, fid: int) -> None:
         if fid in self.fids or fid == c.NOFID:
             raise _Error(errno.EBADF)
+        if len(self.fids) >= self.limits.max_fids:
+            raise _Error(errno.EMFILE)
+
+    def _install(self, fid: int, f: _Fid) -> None:
+        """Add a new fid, or close it and raise when that is no longer possible (the
+        connection went away, the number was taken or the cap was reached meanwhile)."""
+        if fid in self.fids or self.lost or fid == c.NOFID:
+            f.close()
+            raise _Error(errno.EBADF)
+        if len(self.fids) >= self.limits.max_fids:
+            f.close()
+            raise _Error(errno.EMFILE)
+        self.fids[fid] = f
 
     def _iounit(self) -> int:
         return self.msize - _IOHDRSZ
@@ -513,8 +1017,19 @@ class _Connection(asyncio.Protocol):
 
 # ---------------------------------------------------------------------------- handlers
 
-_Handler = Callable[[_Connection, Message], Awaitable[Message]]
+_Handler = Callable[[_Connection, Message], Awaitable[_Reply]]
 _HANDLERS: dict[int, _Handler] = {}
+#: Inline versions: return the reply, or None to take the pool path after all.
+_Fast = Callable[[_Connection, Message], Union[_Reply, _Defer, None]]
+_FAST: dict[int, _Fast] = {}
+
+
+def _fast(mtype: int) -> Callable[[_Fast], _Fast]:
+    def deco(fn: _Fast) -> _Fast:
+        _FAST[mtype] = fn
+        return fn
+
+    return deco
 
 
 def _handles(mtype: int) -> Callable[[_Handler], _Handler]:
@@ -574,50 +1089,50 @@ async def _attach(conn: _Connection, m: Message) -> Message:
             raise
 
     h, qid = await conn.server._call(go)
-    if m.fid in conn.fids or conn.lost:
-        h.close()
-        raise _Error(errno.EBADF)
-    conn.fids[m.fid] = _Fid(h, _uid_for(m.uname, m.n_uname))
+    conn._install(m.fid, _Fid(h, _uid_for(m.uname, m.n_uname)))
     return c.Rattach(qid)
 
 
-@_handles(110)
-async def _walk(conn: _Connection, m: Message) -> Message:
-    f = conn._take(m.fid)
+def _walk_work(fs: Export, start: Handle,
+               wnames: list[str]) -> tuple[Handle | None, list[c.Qid], OSError | None]:
+    if not wnames:
+        return fs.clone(start), [], None
+    # Each step opens the next handle from the one before; only the handles this walk
+    # made are closed (``start`` belongs to the fid).
+    h = start
+    qids: list[c.Qid] = []
     try:
-        if m.newfid != m.fid:
-            conn._check_new(m.newfid)
-        fs = conn.fs
-        # Walking from an open fid is allowed (diodls lists a directory that way); the
-        # walk only uses the O_PATH handle, never the open file.
-        start = conn._handle(f)
-
-        def go() -> tuple[Handle | None, list[c.Qid], OSError | None]:
-            h = fs.clone(start)
-            qids: list[c.Qid] = []
+        for name in wnames:
             try:
-                for name in m.wnames:
-                    try:
-                        nxt = fs.walk1(h, name)
-                    except OSError as exc:
-                        h.close()
-                        return None, qids, exc
+                nxt = _retry_eintr(fs.walk1, h, name)
+            except OSError as exc:
+                if h is not start:
                     h.close()
-                    h = nxt
-                    qids.append(fs.qid(fs.stat(h)))
-            except BaseException:
+                return None, qids, exc
+            if h is not start:
                 h.close()
-                raise
-            return h, qids, None
+            h = nxt
+            qids.append(fs.qid(_retry_eintr(fs.stat, h)))
+    except BaseException:
+        if h is not start:
+            h.close()
+        raise
+    return h, qids, None
 
-        h, qids, err = await conn.server._call(go)
-    finally:
-        conn._give_back(f)
+
+def _rwalk(tag: int, qids: list[c.Qid]) -> bytes:
+    parts = [_S_RWALK.pack(_S_RWALK.size + 13 * len(qids), 111, tag, len(qids))]
+    parts.extend(_S_QID.pack(*q) for q in qids)
+    return b"".join(parts)
+
+
+def _walk_done(conn: _Connection, m: Message, f: _Fid, h: Handle | None,
+               qids: list[c.Qid], err: OSError | None) -> bytes:
     if h is None:
         if not qids:
             assert err is not None
             raise err
-        return c.Rwalk(qids)  # partial walk: newfid is not created
+        return _rwalk(m.tag, qids)  # partial walk: newfid is not created
     if conn.lost:
         h.close()
         raise _Error(errno.EBADF)
@@ -631,11 +1146,35 @@ async def _walk(conn: _Connection, m: Message) -> Message:
             h.close()
             raise _Error(errno.EBADF)
     else:
-        if m.newfid in conn.fids:
-            h.close()
-            raise _Error(errno.EBADF)
-        conn.fids[m.newfid] = _Fid(h, f.uid)
-    return c.Rwalk(qids)
+        conn._install(m.newfid, _Fid(h, f.uid))
+    return _rwalk(m.tag, qids)  # at most MAXWELEM qids: the codec checked the Twalk
+
+
+@_handles(110)
+async def _walk(conn: _Connection, m: Message) -> _Reply:
+    f = conn._take(m.fid)
+    try:
+        if m.newfid != m.fid:
+            conn._check_new(m.newfid)
+        # Walking from an open fid is allowed (diodls lists a directory that way); the
+        # walk only uses the O_PATH handle, never the open file.
+        start = conn._handle(f)
+        h, qids, err = await conn.server._call(_walk_work, conn.fs, start, m.wnames)
+    finally:
+        conn._give_back(f)
+    return _walk_done(conn, m, f, h, qids, err)
+
+
+@_fast(110)
+def _walk_fast(conn: _Connection, m: Message) -> _Reply:
+    f = conn._take(m.fid)
+    try:
+        if m.newfid != m.fid:
+            conn._check_new(m.newfid)
+        h, qids, err = _walk_work(conn.fs, conn._handle(f), m.wnames)
+    finally:
+        conn._give_back(f)
+    return _walk_done(conn, m, f, h, qids, err)
 
 
 @_handles(12)
@@ -647,16 +1186,48 @@ async def _lopen(conn: _Connection, m: Message) -> Message:
         h = conn._handle(f)
         fs = conn.fs
 
-        def go() -> tuple[int, c.Qid]:
+        def go() -> tuple[int, os.stat_result]:
             fd = fs.open(h, m.flags)
-            return fd, fs.qid(os.fstat(fd))
+            try:
+                return fd, os.fstat(fd)
+            except BaseException:
+                os.close(fd)
+                raise
 
-        fd, qid = await conn.server._call(go)
-        if f.clunked or f.open_fd is not None:
+        fd, st = await conn.server._call(go)
+        return _lopen_done(conn, f, fd, st)
+    finally:
+        conn._give_back(f)
+
+
+def _lopen_done(conn: _Connection, f: _Fid, fd: int, st: os.stat_result) -> Message:
+    if f.clunked or f.open_fd is not None:
+        os.close(fd)
+        raise _Error(errno.EBADF)
+    f.open_fd = fd
+    f.regular = stat.S_ISREG(st.st_mode)
+    return c.Rlopen(conn.fs.qid(st), conn._iounit())
+
+
+@_fast(12)
+def _lopen_fast(conn: _Connection, m: Message) -> Message | None:
+    f = conn._take(m.fid)
+    try:
+        if f.open_fd is not None or f.xattr is not None:
+            raise _Error(errno.EBUSY)
+        h = conn._handle(f)
+        # Only files whose open cannot wait for another party (a fifo's open waits for
+        # its other end, a device's open may do anything): those go to the pool.
+        mode = _retry_eintr(conn.fs.stat, h).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            return None
+        fd = _retry_eintr(conn.fs.open, h, m.flags)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
             os.close(fd)
-            raise _Error(errno.EBADF)
-        f.open_fd = fd
-        return c.Rlopen(qid, conn._iounit())
+            raise
+        return _lopen_done(conn, f, fd, st)
     finally:
         conn._give_back(f)
 
@@ -670,11 +1241,16 @@ async def _lcreate(conn: _Connection, m: Message) -> Message:
         d = conn._handle(f)
         fs = conn.fs
 
-        def go() -> tuple[Handle, int, c.Qid]:
+        def go() -> tuple[Handle, int, os.stat_result]:
             h, fd = fs.create(d, m.name, m.flags, m.mode, f.uid, m.gid)
-            return h, fd, fs.qid(os.fstat(fd))
+            try:
+                return h, fd, os.fstat(fd)
+            except BaseException:
+                h.close()
+                os.close(fd)
+                raise
 
-        h, fd, qid = await conn.server._call(go)
+        h, fd, st = await conn.server._call(go)
         if f.clunked:
             h.close()
             os.close(fd)
@@ -683,16 +1259,20 @@ async def _lcreate(conn: _Connection, m: Message) -> Message:
         old = f.handle
         f.handle = h
         f.open_fd = fd
+        f.regular = stat.S_ISREG(st.st_mode)
         if old is not None:
             old.close()
-        return c.Rlcreate(qid, conn._iounit())
+        return c.Rlcreate(fs.qid(st), conn._iounit())
     finally:
         conn._give_back(f)
 
 
 def _simple(mtype: int, reply: Callable[..., Message], fids: tuple[str, ...],
-            work: Callable[..., Any]) -> None:
-    """Register a handler: borrow the named fids, run ``work`` in a thread, reply."""
+            work: Callable[..., Any], inline: bool = False) -> None:
+    """Register a handler: borrow the named fids, run ``work`` in a thread, reply.
+
+    ``inline``: ``work`` is cheap enough to also get an inline version.
+    """
 
     async def handler(conn: _Connection, m: Message) -> Message:
         taken: list[_Fid] = []
@@ -708,6 +1288,23 @@ def _simple(mtype: int, reply: Callable[..., Message], fids: tuple[str, ...],
         return reply(*result) if isinstance(result, tuple) else reply()
 
     _HANDLERS[mtype] = handler
+    if not inline:
+        return
+
+    def fast(conn: _Connection, m: Message) -> Message:
+        taken: list[_Fid] = []
+        try:
+            for name in fids:
+                taken.append(conn._take(getattr(m, name)))
+            for f in taken:
+                conn._handle(f)
+            result = _retry_eintr(work, conn, m, *taken)
+        finally:
+            for f in taken:
+                conn._give_back(f)
+        return reply(*result) if isinstance(result, tuple) else reply()
+
+    _FAST[mtype] = fast
 
 
 def _w_symlink(conn: _Connection, m: Message, d: _Fid) -> tuple[c.Qid]:
@@ -798,10 +1395,30 @@ def _w_getlock(conn: _Connection, m: Message, f: _Fid) -> tuple[Any, ...]:
 _simple(16, c.Rsymlink, ("fid",), _w_symlink)
 _simple(18, c.Rmknod, ("dfid",), _w_mknod)
 _simple(72, c.Rmkdir, ("dfid",), _w_mkdir)
-_simple(22, c.Rreadlink, ("fid",), _w_readlink)
+_simple(22, c.Rreadlink, ("fid",), _w_readlink, inline=True)
 _simple(24, c.Rgetattr, ("fid",), _w_getattr)
+
+
+@_fast(24)
+def _getattr_fast(conn: _Connection, m: Message) -> _Reply | None:
+    # _w_getattr's reply, laid out directly (see "hot wire" above).
+    f = conn._take(m.fid)
+    try:
+        st = _retry_eintr(conn.fs.stat, conn._handle(f))
+    finally:
+        conn._give_back(f)
+    q = conn.fs.qid(st)
+    a, m_, c_ = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+    try:
+        return _S_RGETATTR.pack(
+            _S_RGETATTR.size, 25, m.tag, c.GETATTR_BASIC, q[0], q[1], q[2], st.st_mode,
+            st.st_uid, st.st_gid, st.st_nlink, st.st_rdev, st.st_size, st.st_blksize,
+            st.st_blocks, a // 10**9, a % 10**9, m_ // 10**9, m_ % 10**9, c_ // 10**9,
+            c_ % 10**9, 0, 0, 0, 0)
+    except struct.error:
+        return None  # a value that does not fit (a time before 1970): the codec's path
 _simple(26, c.Rsetattr, ("fid",), _w_setattr)
-_simple(8, c.Rstatfs, ("fid",), _w_statfs)
+_simple(8, c.Rstatfs, ("fid",), _w_statfs, inline=True)
 _simple(20, c.Rrename, ("fid", "dfid"), _w_rename)
 _simple(74, c.Rrenameat, ("olddirfid", "newdirfid"), _w_renameat)
 _simple(76, c.Runlinkat, ("dirfid",), _w_unlinkat)
@@ -812,7 +1429,13 @@ _simple(54, c.Rgetlock, ("fid",), _w_getlock)
 
 
 @_handles(116)
-async def _read(conn: _Connection, m: Message) -> Message:
+async def _read(conn: _Connection, m: Message) -> _Reply:
+    return await _read_rest(conn, m, None, 0)
+
+
+async def _read_rest(conn: _Connection, m: Message, buf: bytearray | None,
+                     got: int) -> _Reply:
+    """Read in a worker; ``buf`` may already hold the first ``got`` bytes."""
     f = conn._take(m.fid)
     try:
         count = min(m.count, conn.msize - _RW_OVERHEAD)
@@ -820,10 +1443,35 @@ async def _read(conn: _Connection, m: Message) -> Message:
             return c.Rread(f.xattr[m.offset:m.offset + count])
         if f.open_fd is None:
             raise _Error(errno.EBADF)
-        data = await conn.server._call(os.pread, f.open_fd, count, m.offset)
-        return c.Rread(data)
+        if buf is None:
+            buf = _rread_frame(count)
+        n = await conn.server._call(_pread_into, f.open_fd, buf, got, count, m.offset,
+                                    f.regular)
+        return _rread_seal(buf, m.tag, n)
     finally:
         conn._give_back(f)
+
+
+def _pread_into(fd: int, buf: bytearray, got: int, count: int, offset: int,
+                regular: bool) -> int:
+    view = memoryview(buf)[_S_RREAD.size:_S_RREAD.size + count]
+    try:
+        while got < count:
+            try:
+                n = _retry_eintr(os.preadv, fd, [view[got:]], offset + got)
+            except OSError as exc:
+                if exc.errno != errno.ESPIPE or regular:
+                    raise
+                # A fifo or a character device has no offsets: read it as a stream.
+                n = _retry_eintr(os.readv, fd, [view[got:]])
+            got += n
+            # A regular file reads short only at its end; anything else (a fifo, a
+            # device) answers with what one read gave, as a local read would.
+            if n == 0 or not regular:
+                break
+    finally:
+        view.release()
+    return got
 
 
 @_handles(118)
@@ -841,10 +1489,91 @@ async def _write(conn: _Connection, m: Message) -> Message:
             return c.Rwrite(len(m.data))
         if f.open_fd is None:
             raise _Error(errno.EBADF)
-        n = await conn.server._call(os.pwrite, f.open_fd, m.data, m.offset)
+        n = await conn.server._call(_pwrite, f.open_fd, m.data, m.offset, f.regular)
         return c.Rwrite(n)
     finally:
         conn._give_back(f)
+
+
+def _rread_frame(count: int) -> bytearray:
+    """A zeroed Rread frame with room for ``count`` bytes; :func:`_rread_seal` writes
+    the header once the real count is known."""
+    return bytearray(_S_RREAD.size + count)
+
+
+def _rread_seal(buf: bytearray, tag: int, n: int) -> memoryview:
+    _S_RREAD.pack_into(buf, 0, _S_RREAD.size + n, 117, tag, n)
+    return memoryview(buf)[:_S_RREAD.size + n]
+
+
+@_fast(116)
+def _read_fast(conn: _Connection, m: Message) -> _Reply | _Defer | None:
+    f = conn.fids.get(m.fid)
+    if f is None or f.clunked or f.open_fd is None or not f.regular or f.xattr is not None:
+        return None  # errors and the rarer cases are the pool path's business
+    fd = f.open_fd
+    count = min(m.count, conn.msize - _RW_OVERHEAD)
+    buf = _rread_frame(count)
+    view = memoryview(buf)[_S_RREAD.size:]
+    try:
+        while True:
+            try:
+                if f.nowait and _RWF_NOWAIT:
+                    # Only what the page cache holds, never waiting for the disk; so
+                    # this call needs no timing (see _dispatch).
+                    conn._self_timed = True
+                    n = os.preadv(fd, [view], m.offset, _RWF_NOWAIT)
+                    if n < count and m.offset + n < os.fstat(fd).st_size:
+                        # Only part of it is cached: a worker reads the rest.
+                        return _Defer(lambda conn, m: _read_rest(conn, m, buf, n))
+                else:
+                    n = os.preadv(fd, [view], m.offset)
+                break
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                # Not cached: a worker thread waits for the disk instead.
+                return _Defer(lambda conn, m: _read_rest(conn, m, buf, 0))
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP or not f.nowait:
+                    raise
+                # No RWF_NOWAIT on this file system (tmpfs): plain reads, timed.
+                f.nowait = False
+                conn._self_timed = False
+    finally:
+        view.release()
+    return _rread_seal(buf, m.tag, n)
+
+
+@_fast(118)
+def _write_fast(conn: _Connection, m: Message) -> _Reply | None:
+    f = conn.fids.get(m.fid)
+    if (f is None or f.clunked or f.open_fd is None or not f.regular
+            or f.xattr_new is not None or len(m.data) > _INLINE_WRITE_MAX):
+        return None
+    return _S_R32.pack(11, 119, m.tag, _retry_eintr(os.pwrite, f.open_fd, m.data, m.offset))
+
+
+@_fast(120)
+def _clunk_fast(conn: _Connection, m: Message) -> _Reply | None:
+    f = conn.fids.get(m.fid)
+    if f is None or f.xattr_new is not None:
+        return None  # an error, or an xattr to set: the pool path
+    f = conn._take(m.fid)
+    try:
+        conn._drop(m.fid)
+    finally:
+        conn._give_back(f)
+    return _S_R0.pack(7, 121, m.tag)
+
+
+def _pwrite(fd: int, data: bytes, offset: int, regular: bool) -> int:
+    try:
+        return os.pwrite(fd, data, offset)
+    except OSError as exc:
+        if exc.errno != errno.ESPIPE or regular:
+            raise
+        return os.write(fd, data)  # a fifo or a character device has no offsets
 
 
 @_handles(40)
@@ -905,8 +1634,7 @@ async def _xattrwalk(conn: _Connection, m: Message) -> Message:
         value = await conn.server._call(conn.fs.getxattr, h, m.name)
         if m.newfid in conn.fids or conn.lost:
             raise _Error(errno.EBADF)
-        nf = _Fid(conn.fs.clone(h), f.uid, xattr=value)
-        conn.fids[m.newfid] = nf
+        conn._install(m.newfid, _Fid(conn.fs.clone(h), f.uid, xattr=value))
         return c.Rxattrwalk(len(value))
     finally:
         conn._give_back(f)
