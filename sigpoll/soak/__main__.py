@@ -7,6 +7,7 @@ guest that cannot boot.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -74,8 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GuestError as exc:
         _say(f"cannot run the guest: {exc}")
         return 2
-    except KeyboardInterrupt:
-        _say("interrupted")
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        _say("interrupted; the guest was cleaned up")
         return 130
     print(json.dumps(report.as_dict(), indent=2) if args.json else render(report))
     return 0 if report.ok else 1

@@ -77,6 +77,32 @@ class SoakReport:
         return out
 
 
+def _virtio_state(guest: Any) -> str:
+    """Where a stalled port stands: each ring's indices and the ports' flow-control state."""
+    backend = getattr(guest, "_backend", None)
+    conn = getattr(backend, "connection", None)
+    if conn is None:
+        return "no vhost-user frontend connected"
+    parts = []
+    for i, r in enumerate(conn.rings):
+        q = r.queue
+        if not q.active:
+            continue
+        used_event = int.from_bytes(q._avail[4 + 2 * q.num : 6 + 2 * q.num], "little") if q.event_idx else -1
+        parts.append(
+            f"q{i}: avail={q.avail_idx()} last_avail={q.last_avail} used={q.used_idx} "
+            f"used_event={used_event} kicks={r.kicks} irqs={r.interrupts} watching={r.watching}"
+        )
+    for port in conn.device.ports:
+        t = port.transport
+        parts.append(
+            f"port {port.id}: open={port.guest_open} to_guest={port.to_guest_len} "
+            f"backlog={len(port._backlog)} reading={t.is_reading() if t else None} "
+            f"paused={t._writing_paused if t else None}"
+        )
+    return "; ".join(parts)
+
+
 def _rss_kib() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -218,13 +244,20 @@ async def _port_traffic(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
     receiver = asyncio.ensure_future(receive())
     sent = 0
-    while not receiver.done() and not stop_sending.is_set():
-        writer.write(_worker.frame(sent, _worker.block("down", sent)))
-        sent += 1
+    try:
+        while not receiver.done() and not stop_sending.is_set():
+            writer.write(_worker.frame(sent, _worker.block("down", sent)))
+            sent += 1
+            await writer.drain()
+        writer.write(_worker.frame(sent, b""))
         await writer.drain()
-    writer.write(_worker.frame(sent, b""))
-    await writer.drain()
-    await receiver
+        await receiver
+    finally:
+        if not receiver.done():
+            receiver.cancel()
+        # Retrieved here, so a receiver that failed is reported by the awaiting caller
+        # (through the exception above), never as "exception was never retrieved".
+        await asyncio.gather(receiver, return_exceptions=True)
     return sent
 
 
@@ -248,6 +281,10 @@ async def soak(
     via = "net" if os.geteuid() == 0 else "virtio"
     loop = asyncio.get_running_loop()
     started = time.monotonic()
+    # SIGTERM ends the soak the way ^C does: cancelled, so the guest is cleaned up.
+    me = asyncio.current_task()
+    if me is not None:
+        loop.add_signal_handler(signal.SIGTERM, me.cancel)
     try:
         async with Guest(kernel=kernel, mem=mem, shares=[f"{share}:soak"], share_via=via,
                          ports=["soak"], status=say) as guest:
@@ -266,6 +303,8 @@ async def soak(
                     for name, stream in streams.items():
                         if stream._last and time.monotonic() - stream._last > STALL_SECONDS:
                             say(f"soak: {name} has not moved for {time.monotonic() - stream._last:.0f}s")
+                            if name.startswith("port"):
+                                say("soak: " + _virtio_state(guest))
                     await asyncio.sleep(interval)
 
             sampler = asyncio.ensure_future(sample())
@@ -282,9 +321,9 @@ async def soak(
                     output=console.feed, timeout=seconds + 120,
                 )
                 stop_port.set()
-                host_blocks = await asyncio.wait_for(port_task, 60)
+                host_blocks = await _outcome(port_task, "port traffic", report)
                 stop_share.set()
-                host_files = await asyncio.wait_for(share_task, 60)
+                host_files = await _outcome(share_task, "9P checker", report)
                 # A last look for files the guest finished after the checker's last pass.
                 await asyncio.to_thread(_share_pass, share, streams["9p guest->host"], host_files, False)
             finally:
@@ -304,9 +343,21 @@ async def soak(
                 report.errors.append(f"the guest's worker exited with status {result.status}")
             _settle(report, console.summaries, host_files, host_blocks, share)
     finally:
+        loop.remove_signal_handler(signal.SIGTERM)
         shutil.rmtree(share, ignore_errors=True)
         report.seconds = time.monotonic() - started
     return report
+
+
+async def _outcome(task: asyncio.Future[int], what: str, report: SoakReport) -> int:
+    """The task's count, or -1 with the reason in the report's errors (never raises)."""
+    try:
+        return await asyncio.wait_for(task, 60)
+    except asyncio.TimeoutError:
+        report.errors.append(f"{what} did not finish within 60 s of the guest's worker")
+    except Exception as exc:
+        report.errors.append(f"{what} failed: {exc!r}")
+    return -1
 
 
 def _settle(report: SoakReport, guest: dict[str, dict[str, int]], host_files: int,
@@ -314,8 +365,10 @@ def _settle(report: SoakReport, guest: dict[str, dict[str, int]], host_files: in
     """Compare what each sender says it sent with what its receiver checked."""
     s = report.streams
     missing = [name for name in ("console", "ninep", "port") if name not in guest]
+    if host_files < 0 or host_blocks < 0:
+        missing.append("the host's own counts")
     if missing:
-        report.errors.append(f"no summary from the guest for {', '.join(missing)}")
+        report.errors.append(f"cannot settle the counts, missing: {', '.join(missing)}")
         return
     s["console"].lost = guest["console"]["lines"] - s["console"].items
     left = {name for name in os.listdir(share) if name.startswith("h")}
