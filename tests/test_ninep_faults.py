@@ -355,3 +355,45 @@ def test_signal_storm_during_big_transfers(run, export: Path) -> None:
         await server.close()
 
     run(body())
+
+
+@pytest.mark.parametrize("abort", ["flush", "version", "hang-up"])
+def test_a_request_aborted_in_the_same_read_is_finished(run, export: Path, abort: str) -> None:
+    """A Tflush, a Tversion or a hang-up that arrives in the same read as its target cancels
+    the target before its task has run a step; the flush is still answered, the target gets
+    no reply, and the connection still closes (found by fuzz/ninep_server.py)."""
+
+    async def main() -> None:
+        server = NinepServer(str(export))
+        a, b = socket.socketpair()
+        conn = server.protocol("same-read")
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, b)
+        frames = c.encode(c.Tversion(8192, "9P2000.L", tag=c.NOTAG)) + c.encode(
+            c.Tattach(0, c.NOFID, "root", "", 0, tag=1)
+        )
+        if abort == "flush":
+            frames += c.encode(c.Tflush(1, tag=2))
+        elif abort == "version":
+            frames += c.encode(c.Tversion(8192, "9P2000.L", tag=c.NOTAG))
+        a.sendall(frames)
+        if abort != "hang-up":
+            a.setblocking(False)
+            replies: list[c.Message] = []
+            buf = c.FrameBuffer(1 << 20)
+
+            def got_all() -> bool:
+                try:
+                    replies.extend(c.decode(f) for f in buf.feed(a.recv(65536)))
+                except BlockingIOError:
+                    pass
+                return len(replies) >= 2
+
+            await _until(got_all)
+            assert [type(r).__name__ for r in replies] == (
+                ["Rversion", "Rflush"] if abort == "flush" else ["Rversion", "Rversion"]
+            )
+        a.close()
+        await asyncio.wait_for(asyncio.shield(conn.closed), 10)
+        assert not conn.pending and not conn.fids
+
+    run(main())

@@ -256,6 +256,8 @@ class Export:
               uid: int, gid: int) -> os.stat_result:
         self._writable()
         _valid_name(name)
+        if not (0 <= major < 1 << 31 and 0 <= minor < 1 << 31):  # what os.makedev takes
+            raise OSError(errno.EINVAL, "device number out of range")
         os.mknod(name, mode, os.makedev(major, minor), dir_fd=d.fd)
         self._give(d.fd, name, uid, gid)
         return os.stat(name, dir_fd=d.fd, follow_symlinks=False)
@@ -419,6 +421,9 @@ _FLOCK = struct.Struct("@hhqqi4x")
 
 def _flock(kind: int, start: int, length: int) -> bytes:
     # 9P's length 0 means "to the end", as in fcntl; pid must be 0 for OFD locks.
+    # 9P carries u64 offsets, off_t is signed: what does not fit is the client's EINVAL.
+    if not (0 <= start < 1 << 63 and 0 <= length < 1 << 63):
+        raise OSError(errno.EINVAL, "lock range out of range")
     return _FLOCK.pack(kind, os.SEEK_SET, start, length, 0)
 
 

@@ -337,6 +337,8 @@ class Request:
     flushers: list[int] = field(default_factory=list)
     #: The reply decided for it (None while running, or when aborted).
     reply: _Reply | None = None
+    #: Its task has begun to run (a task cancelled before that never enters ``_run``).
+    started: bool = False
 
 
 @dataclass(eq=False)
@@ -847,6 +849,7 @@ class _Connection(asyncio.Protocol):
         self.pending[msg.tag] = req
         self._running += 1
         req.task = self._loop.create_task(self._run(req, handler))
+        req.task.add_done_callback(lambda task, req=req: self._cancelled_unstarted(req))
 
     def _run_fast(self, fast: _Fast, msg: Message) -> _Reply | _Defer | None:
         try:
@@ -923,7 +926,22 @@ class _Connection(asyncio.Protocol):
                 # flush and leave that request alone.
                 self._send(c.Rflush(tag=ftag))
 
+    def _cancelled_unstarted(self, req: Request) -> None:
+        # A Tflush, a Tversion or a lost connection in the same read as its target cancels
+        # the target's task before its first step, and then none of _run's clean-up runs:
+        # without this the flush would never be answered and the connection never close.
+        if not req.started:
+            self._finish(req, None)
+            self._request_done()
+
+    def _request_done(self) -> None:
+        self._running -= 1
+        self._maybe_finish_close()
+        if self._backlog or self._read_paused:
+            self._resume()
+
     async def _run(self, req: Request, handler: _Handler) -> None:
+        req.started = True
         try:
             try:
                 if self.server.hook is not None:
@@ -961,10 +979,7 @@ class _Connection(asyncio.Protocol):
                 await asyncio.shield(self.server.hook.after(req))
             self._finish(req, reply)
         finally:
-            self._running -= 1
-            self._maybe_finish_close()
-            if self._backlog or self._read_paused:
-                self._resume()
+            self._request_done()
 
     # ------------------------------------------------------------------ fid helpers
 
