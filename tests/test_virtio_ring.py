@@ -7,7 +7,13 @@ itself broken -- it never raises, loops or reads outside the regions.
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
+import subprocess
+import sys
+import textwrap
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -35,8 +41,8 @@ DATA = 0x1000  # buffers from here on
 class Guest:
     """The driver side, writing into a bytearray region."""
 
-    def __init__(self, num: int = NUM, event_idx: bool = False) -> None:
-        self.buf = bytearray(SIZE)
+    def __init__(self, num: int = NUM, event_idx: bool = False, buf: Any = None) -> None:
+        self.buf = bytearray(SIZE) if buf is None else buf
         self.mem = GuestMemory([(GUEST, USER, self.buf)])
         self.q = Virtqueue(0)
         self.q.set_num(num)
@@ -294,3 +300,68 @@ def test_no_interrupt_flag_without_event_idx() -> None:
     g.q.push(g.q.pop().head, 0)  # type: ignore[union-attr]
     struct.pack_into("<H", g.buf, AVAIL, 0)
     assert g.q.should_notify()
+
+
+# Runs in a separate process (a thread would only ever see whole Python statements): watches
+# the used index and avail_event with single 16-bit loads while the parent pushes and pops,
+# and reports any value that moved backwards -- what a guest CPU would have read.
+_WATCHER = textwrap.dedent("""
+    import mmap, sys
+    fd, used, num = (int(a) for a in sys.argv[1:4])
+    mem = mmap.mmap(fd, 0)
+    h = memoryview(mem).cast("H")
+    idx_at, event_at, stop_at = (used + 2) // 2, (used + 4 + 8 * num) // 2, len(h) - 1
+    reads = back = 0
+    last_idx, last_event = h[idx_at], h[event_at]
+    print("ready", flush=True)
+    while not h[stop_at]:
+        for _ in range(1000):
+            i, e = h[idx_at], h[event_at]
+            if (i - last_idx) & 0xFFFF >= 0x8000 or (e - last_event) & 0xFFFF >= 0x8000:
+                back += 1
+            last_idx, last_event = i, e
+        reads += 1000
+    print(reads, back, flush=True)
+""")
+
+
+def test_shared_ring_fields_are_never_seen_half_written() -> None:
+    # struct.pack_into zeroes its target before writing the value; a used index stored that
+    # way reads as 0 for an instant, and a real guest that looks then takes a stale used
+    # element ("id N is not a head!" from Linux).  Every store of a field the guest reads
+    # concurrently must be one machine store.
+    fd = os.memfd_create("ring-test")
+    os.ftruncate(fd, SIZE)
+    buf = mmap.mmap(fd, SIZE)
+    g = Guest(num=NUM, event_idx=True, buf=buf)
+    buf_addr = g.alloc(64)
+    for i in range(NUM):
+        g.desc(i, GUEST + buf_addr, 64, 0, 0)
+    watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, str(fd), str(USED), str(NUM)],
+                               pass_fds=[fd], stdout=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout is not None
+        assert watcher.stdout.readline().strip() == "ready"
+        # Start above 0 (a transient 0 must look like a step back) and keep every store's
+        # value nonzero in its low and high byte often enough to matter.
+        g.q.set_base(0x0101)
+        g.avail_idx = 0x0101
+        struct.pack_into("<H", buf, USED + 2, 0x0101)
+        struct.pack_into("<H", buf, USED + 4 + 8 * NUM, 0x0101)
+        for n in range(200_000):
+            g.publish(n % NUM)
+            chain = g.q.pop()
+            assert chain is not None
+            chain.release()
+            g.q.push(chain.head, 0)
+        assert g.q.broken is None
+    finally:
+        buf[SIZE - 2 : SIZE] = b"\x01\x00"  # the watcher's stop flag, past everything else
+        out, _ = watcher.communicate(timeout=30)
+        g.q.deactivate()
+        g.mem.close()
+        buf.close()
+        os.close(fd)
+    reads, back = (int(x) for x in out.split())
+    assert reads > 0
+    assert back == 0, f"the watcher saw a ring index move backwards {back} times in {reads} reads"

@@ -33,12 +33,12 @@ from ._vhost_user import (
     encode_vring_addr,
     encode_vring_state,
 )
+from ._virtqueue import _le16, u16_view
 
 __all__ = ["ConsoleDriver", "DriverRing", "Frontend"]
 
 _DESC = struct.Struct("<QIHH")
 _CONTROL = struct.Struct("<IHH")
-_U16 = struct.Struct("<H")
 
 
 @dataclass
@@ -71,6 +71,9 @@ class Frontend:
         self.memfd = os.memfd_create("guest-mem", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, mem_size)
         self.mem = mmap.mmap(self.memfd, mem_size)
+        # Indexes and event fields the backend may read at any moment are stored whole
+        # through this view; struct.pack_into zeroes its target before writing.
+        self._mem16 = u16_view(self.mem)
         self.guest_base, self.user_base = guest_base, user_base
         self.want_reply_ack = reply_ack
         self.reply_ack = False
@@ -212,16 +215,16 @@ class Frontend:
             _DESC.pack_into(self.mem, r.desc + 16 * ids[i], self.gpa(off), length, flags | (1 if i + 1 < len(parts) else 0), nxt)
         head = ids[0]
         r.buffers[head] = [(off, length) for off, length, _ in parts]
-        _U16.pack_into(self.mem, r.avail + 4 + 2 * (r.avail_idx % r.num), head)
+        self._mem16[(r.avail + 4) // 2 + r.avail_idx % r.num] = _le16(head)
         r.avail_idx = (r.avail_idx + 1) & 0xFFFF
-        _U16.pack_into(self.mem, r.avail + 2, r.avail_idx)  # publish after the ring entry
+        self._mem16[(r.avail + 2) // 2] = _le16(r.avail_idx)  # publish after the ring entry
         return head
 
     def used(self, index: int) -> list[tuple[int, int, bytes]]:
         """Collect used chains: ``(head, len, bytes written into the writable part)``."""
         r = self.rings[index]
         out = []
-        idx = _U16.unpack_from(self.mem, r.used + 2)[0]
+        idx = _le16(self._mem16[(r.used + 2) // 2])
         while r.last_used != idx:
             head, length = struct.unpack_from("<II", self.mem, r.used + 4 + 8 * (r.last_used % r.num))
             r.last_used = (r.last_used + 1) & 0xFFFF
@@ -240,7 +243,7 @@ class Frontend:
         if self.features & Feature.RING_EVENT_IDX:
             # Like Linux: ask for an interrupt when the next entry is used.  (A fence is
             # not needed for correctness here: wait_used() polls with a timeout.)
-            _U16.pack_into(self.mem, r.avail + 4 + 2 * r.num, r.last_used)
+            self._mem16[(r.avail + 4) // 2 + r.num] = _le16(r.last_used)
         return out
 
     def wait_call(self, index: int, timeout: float = 5.0) -> bool:
@@ -280,6 +283,7 @@ class Frontend:
                     os.close(fd)
         self.rings.clear()
         self.sock.close()
+        self._mem16.release()
         self.mem.close()
         os.close(self.memfd)
 

@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import struct
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ __all__ = [
     "Virtqueue",
     "full_fence",
     "ring_sizes",
+    "u16_view",
 ]
 
 log = logging.getLogger("sigpoll.virtio")
@@ -74,8 +76,34 @@ def full_fence() -> None:
     _FENCE_LOCK.release()
 
 
-_U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
+# Ring fields the other side reads or writes while we run (the avail and used indexes,
+# flags, used_event, avail_event) must be loaded and stored whole, with one aligned 16-bit
+# access.  struct.pack_into cannot do that: CPython's packer first zeroes the whole
+# destination (memset, for padding) and then writes the value, so another CPU can read a
+# used index of 0 in between.  A guest that reads that 0 sees a used ring that jumped
+# ahead, takes a stale element and stops with "id N is not a head" (see docs/virtio.md).
+# An item store through a memoryview cast to "H"/"I" is a single fixed-size copy, one
+# machine store; so the shared fields go through such views, never through struct.
+# The views are native-endian; virtio 1.x rings are little-endian.
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def _le16(value: int) -> int:
+    """A u16 between host order and the ring's little-endian order (a no-op on LE hosts)."""
+    return ((value & 0xFF) << 8) | (value >> 8) if _BIG_ENDIAN else value
+
+
+def _le32(value: int) -> int:
+    return int.from_bytes(value.to_bytes(4, "little"), "big") if _BIG_ENDIAN else value
+
+
+def u16_view(buf: Any) -> memoryview:
+    """``buf`` (an even number of bytes) as native u16 items, each loaded/stored whole.
+
+    Use it for ring fields shared with a peer running concurrently; index ``i`` is the
+    field at byte offset ``2 * i``.  Pair values with :func:`_le16` on big-endian hosts.
+    """
+    return memoryview(buf).cast("B").cast("H")
 
 
 class MemoryFault(Exception):
@@ -250,6 +278,11 @@ class Virtqueue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        # Typed views of the shared fields (see _le16): avail as u16s, used as u16s (flags,
+        # idx, avail_event) and its elements as u32s (id, len pairs).
+        self._avail16: memoryview | None = None
+        self._used16: memoryview | None = None
+        self._elems32: memoryview | None = None
         self._mem: GuestMemory | None = None
         self._signalled_used = 0  # used idx at the last interrupt (EVENT_IDX arithmetic)
 
@@ -294,6 +327,9 @@ class Virtqueue:
             self.deactivate()
             self.mark_broken(f"ring not in guest memory: {exc}")
             return False
+        self._avail16 = self._avail.cast("H")
+        self._used16 = self._used.cast("H")
+        self._elems32 = self._used[4 : 4 + 8 * self.num].cast("I")
         self._mem = mem
         return True
 
@@ -303,9 +339,11 @@ class Virtqueue:
 
     def deactivate(self) -> None:
         """Drop the ring views (the memory may be unmapped after this)."""
-        for v in (self._desc, self._avail, self._used):
+        # The casts first: a view cannot be released while views made from it exist.
+        for v in (self._avail16, self._used16, self._elems32, self._desc, self._avail, self._used):
             if v is not None:
                 v.release()
+        self._avail16 = self._used16 = self._elems32 = None
         self._desc = self._avail = self._used = None
         self._mem = None
 
@@ -325,8 +363,8 @@ class Virtqueue:
     # -- the avail side --
 
     def avail_idx(self) -> int:
-        assert self._avail is not None
-        return _U16.unpack_from(self._avail, 2)[0]
+        assert self._avail16 is not None
+        return _le16(self._avail16[1])
 
     def pending(self) -> int:
         """How many chains the guest has made available that we have not popped."""
@@ -343,8 +381,8 @@ class Virtqueue:
         if not self.pending():
             return None
         # pending() read the avail index first; only now read the slot it covers.
-        assert self._avail is not None
-        head = _U16.unpack_from(self._avail, 4 + 2 * (self.last_avail % self.num))[0]
+        assert self._avail16 is not None
+        head = _le16(self._avail16[2 + self.last_avail % self.num])
         chain = self._walk(head)
         if chain is None:
             return None
@@ -353,8 +391,8 @@ class Virtqueue:
             # The guest kicks only when its avail index crosses avail_event.  Left behind
             # its index, avail_event would never be crossed again (until the u16 wraps),
             # so it follows every pop.
-            assert self._used is not None
-            _U16.pack_into(self._used, 4 + 8 * self.num, self.last_avail)
+            assert self._used16 is not None
+            self._used16[2 + 4 * self.num] = _le16(self.last_avail)
         return chain
 
     def _walk(self, head: int) -> Chain | None:
@@ -430,8 +468,8 @@ class Virtqueue:
         if not self.active:
             return False
         if self.event_idx:
-            assert self._used is not None
-            _U16.pack_into(self._used, 4 + 8 * self.num, self.last_avail)
+            assert self._used16 is not None
+            self._used16[2 + 4 * self.num] = _le16(self.last_avail)
             full_fence()  # publish avail_event before looking at the avail index again
         return self.pending() > 0
 
@@ -441,25 +479,29 @@ class Virtqueue:
         """Return chain ``head`` to the guest with ``length`` bytes written into it."""
         if not self.active:
             return
-        assert self._used is not None
-        _USED_ELEM.pack_into(self._used, 4 + 8 * (self.used_idx % self.num), head, length)
+        assert self._used16 is not None and self._elems32 is not None
+        slot = 2 * (self.used_idx % self.num)
+        self._elems32[slot] = _le32(head)
+        self._elems32[slot + 1] = _le32(length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         # Element first, then the index that makes it visible (stores are not reordered
         # with other stores on x86; the interpreter's own locking orders them elsewhere).
-        _U16.pack_into(self._used, 2, self.used_idx)
+        # The index goes out in one 16-bit store: the guest may read it at any moment, and
+        # any intermediate value would publish elements we never wrote (see _le16).
+        self._used16[1] = _le16(self.used_idx)
 
     def should_notify(self) -> bool:
         """Whether the guest wants an interrupt for what was pushed since the last one."""
         if not self.active or self.used_idx == self._signalled_used:
             return False
-        assert self._avail is not None
+        assert self._avail16 is not None
         full_fence()  # the used index we published must be visible before we read used_event
         old, new = self._signalled_used, self.used_idx
         if self.event_idx:
-            event = _U16.unpack_from(self._avail, 4 + 2 * self.num)[0]
+            event = _le16(self._avail16[2 + self.num])
             want = ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         else:
-            want = not _U16.unpack_from(self._avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+            want = not _le16(self._avail16[0]) & AVAIL_F_NO_INTERRUPT
         self._signalled_used = new
         return want
 
