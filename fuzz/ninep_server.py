@@ -26,7 +26,7 @@ connection is closed by the server only when the framing was broken (a size fiel
 content; the connection's fids are all released when it ends.  The server must reach
 that end within a deadline (a hang fails).  Handler exceptions the server catches and
 answers with EIO (logged with a traceback) are recorded in :data:`CAUGHT` and reported;
-with ``SIGPOLL_FUZZ_STRICT=1`` they fail the input.
+they fail the input (``SIGPOLL_FUZZ_STRICT=0`` only counts them).
 
 Run longer: ``python fuzz/ninep_server.py [workdir] [-max_total_time=600] ...``
 """
@@ -62,7 +62,7 @@ TARGET = "ninep_server"
 
 MSIZE = 16384
 DEADLINE = float(os.environ.get("SIGPOLL_FUZZ_DEADLINE", "20"))
-_STRICT = os.environ.get("SIGPOLL_FUZZ_STRICT") == "1"
+_STRICT = os.environ.get("SIGPOLL_FUZZ_STRICT", "1") == "1"  # findings fixed: strict by default
 _HEADER = struct.Struct("<IBH")
 
 #: ``"Tname: ExcType: message"`` -> count, for handler exceptions the server caught.
@@ -329,13 +329,13 @@ def _sanitize(frame: bytes, env: _Env, salt: int) -> bytes:
 
 
 def _segments(frames: list[bytes], broken: bool) -> list[list[bytes]]:
-    """Where to pause sending until the server has caught up (see finding S1).
+    """Where to pause sending (finding S1, fixed; see docs/fuzzing.md).
 
-    The server loses a request whose task is cancelled before its first step: no reply,
-    no Rflush, and the connection never finishes closing.  A Tflush, a Tversion or a lost
-    connection arriving in the *same read* as the request does exactly that.  Until the
-    server is fixed the harness waits before each Tflush/Tversion and before broken
-    framing; with SIGPOLL_FUZZ_STRICT=1 everything goes in one write.
+    The server used to lose a request whose task was cancelled before its first step,
+    which a Tflush, a Tversion or a lost connection in the *same read* does.  Strict (the
+    default) sends everything in one write, so that path stays covered;
+    SIGPOLL_FUZZ_STRICT=0 pauses before each Tflush/Tversion and broken framing, as the
+    harness did while the bug was open.
     """
     if _STRICT:
         return [frames]

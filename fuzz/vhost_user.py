@@ -222,12 +222,11 @@ def _check_codec(msgs: list[FuzzMessage], cuts: bytes) -> None:
 
 # --------------------------------------------------------------------------- 2: the backend
 
-# Known backend bug (docs/fuzzing.md, finding V1): fds that come with a request the
-# backend has no handler for are never closed (``_Connection._handle`` raises before its
-# fd-closing ``finally``).  _backend.py is not this harness's to fix; until it is, such
-# messages are sent without their fds so the leak check keeps guarding everything else.
-# Set SIGPOLL_FUZZ_STRICT=1 to send them anyway (and see the leak).
-_STRICT = os.environ.get("SIGPOLL_FUZZ_STRICT") == "1"
+# Finding V1 (docs/fuzzing.md, fixed): fds that came with a request the backend has no
+# handler for were never closed.  Strict (the default) sends them with every request, so
+# the leak check guards that path; SIGPOLL_FUZZ_STRICT=0 strips them, as the harness did
+# while the bug was open.
+_STRICT = os.environ.get("SIGPOLL_FUZZ_STRICT", "1") == "1"  # findings fixed: strict by default
 
 
 def _handled(request: int) -> bool:

@@ -206,14 +206,15 @@ class _Connection:
 
     def _handle(self, msg: Message) -> None:
         try:
-            req = Request(msg.request)
-        except ValueError:
-            raise ProtocolError(f"unknown request {msg.request}") from None
-        handler = getattr(self, f"_do_{req.name.lower()}", None)
-        if handler is None:
-            raise ProtocolError(f"unsupported request {req.name}")
-        log.debug("vhost-user %s flags=%#x size=%d fds=%d", req.name, msg.flags, len(msg.payload), len(msg.fds))
-        try:
+            # Inside the try: the fds of a request we refuse are closed like any other's.
+            try:
+                req = Request(msg.request)
+            except ValueError:
+                raise ProtocolError(f"unknown request {msg.request}") from None
+            handler = getattr(self, f"_do_{req.name.lower()}", None)
+            if handler is None:
+                raise ProtocolError(f"unsupported request {req.name}")
+            log.debug("vhost-user %s flags=%#x size=%d fds=%d", req.name, msg.flags, len(msg.payload), len(msg.fds))
             reply = handler(msg)
         finally:
             for fd in msg.fds:  # whatever the handler did not take
