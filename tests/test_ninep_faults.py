@@ -15,14 +15,14 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sigpoll.ninep import Client, NinepError, NinepServer
 from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import HoldHook, RawClient
+from sigpoll.ninep._testing import HoldHook, RawClient, serve_tcp, until
 
 BIG = os.urandom(1 << 20)
 NOBODY = 65534
@@ -41,19 +41,8 @@ def _nfds(pid: int | str = "self") -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-async def _serve(export: Path, **kw: object) -> tuple[NinepServer, int]:
-    server = NinepServer(export, **kw)  # type: ignore[arg-type]
-    srv = await server.start_tcp("127.0.0.1", 0)
-    return server, srv.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
 
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` on the loop until it holds (fails the test after ``timeout``)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 async def _still_serves(port: int) -> None:
@@ -69,7 +58,7 @@ def test_peer_dies_mid_message(run, export: Path) -> None:
     """Half a Twrite frame, then the peer is gone: its open fids are released."""
 
     async def body() -> None:
-        server, port = await _serve(export)
+        server, port = await serve_tcp(export)
         await _still_serves(port)  # warm up the pool threads
         before = _nfds()
         for cut in (3, 7, 30, 5000):
@@ -81,7 +70,7 @@ def test_peer_dies_mid_message(run, export: Path) -> None:
             raw.send_raw(frame[:cut])
             await raw.writer.drain()
             await raw.close()
-        await _until(lambda: not server.connections)
+        await until(lambda: not server.connections)
         assert _nfds() <= before
         assert (export / "big").read_bytes() == BIG  # no half-written frame was applied
         await _still_serves(port)
@@ -92,7 +81,7 @@ def test_peer_dies_mid_message(run, export: Path) -> None:
 
 def test_frames_trickled_byte_by_byte(run, export: Path) -> None:
     async def body() -> None:
-        server, port = await _serve(export)
+        server, port = await serve_tcp(export)
         raw = await RawClient.connect("127.0.0.1", port)
         sock = raw.writer.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -131,7 +120,7 @@ def test_peer_disconnects_with_requests_in_the_pool(run, export: Path) -> None:
     async def body() -> None:
         gate = threading.Event()
         hook = HoldHook()
-        server, port = await _serve(export, hook=hook, workers=1)
+        server, port = await serve_tcp(export, hook=hook, workers=1)
         await _still_serves(port)
         before = _nfds()
         real_stat = server.export.stat
@@ -154,7 +143,7 @@ def test_peer_disconnects_with_requests_in_the_pool(run, export: Path) -> None:
         await hook.reached(12)
         conn = next(iter(server.connections))
         await raw.close()
-        await _until(lambda: conn.lost)
+        await until(lambda: conn.lost)
         assert not conn.closed.done()  # tag 10 is still in the file system
         assert 12 in hook.cancelled
         gate.set()
@@ -189,7 +178,7 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
 
 def test_enospc_reaches_the_client(run, tiny_fs: Path) -> None:
     async def body() -> None:
-        server, port = await _serve(tiny_fs)
+        server, port = await serve_tcp(tiny_fs)
         await _still_serves(port)
         before = _nfds()
         cl = await Client.connect_tcp("127.0.0.1", port, msize=16384)
@@ -212,7 +201,7 @@ def test_enospc_reaches_the_client(run, tiny_fs: Path) -> None:
         assert await cl.read_file("f") == b"faults\n"  # and it keeps serving
         assert list(conn.fids) == [0]
         await cl.close()
-        await _until(lambda: not server.connections)
+        await until(lambda: not server.connections)
         assert _nfds() <= before
         await server.close()
 
@@ -312,7 +301,7 @@ def test_signal_storm_during_big_transfers(run, export: Path) -> None:
         got += 1
 
     async def body() -> None:
-        server, port = await _serve(export, workers=4)
+        server, port = await serve_tcp(export, workers=4)
         await _still_serves(port)
         before = _nfds()
         stop = threading.Event()
@@ -350,7 +339,7 @@ def test_signal_storm_during_big_transfers(run, export: Path) -> None:
             th.join(10)
             signal.signal(signal.SIGUSR1, old)
         assert got > 0
-        await _until(lambda: not server.connections)
+        await until(lambda: not server.connections)
         assert _nfds() <= before
         await server.close()
 
@@ -388,7 +377,7 @@ def test_a_request_aborted_in_the_same_read_is_finished(run, export: Path, abort
                     pass
                 return len(replies) >= 2
 
-            await _until(got_all)
+            await until(got_all)
             assert [type(r).__name__ for r in replies] == (
                 ["Rversion", "Rflush"] if abort == "flush" else ["Rversion", "Rversion"]
             )

@@ -10,14 +10,13 @@ import asyncio
 import errno
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sigpoll.ninep import Client, NinepServer
 from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import HoldHook, RawClient
+from sigpoll.ninep._testing import HoldHook, RawClient, until
 
 
 @pytest.fixture
@@ -271,13 +270,6 @@ def test_client_keeps_tag_until_rflush_and_honours_late_reply(run, export: Path)
     run(body())
 
 
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` on the loop until it holds (fails the test after ``timeout``)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 def test_client_cancel_against_diod(run, export: Path) -> None:
@@ -302,7 +294,7 @@ def test_client_cancel_against_diod(run, export: Path) -> None:
                     task = asyncio.ensure_future(client.rpc(c.Twalk(0, 50 + i, ["file"])))
                     # The Twalk is out (or, if the stop took hold late, already answered:
                     # then there is nothing left to flush this round).
-                    await _until(lambda: len(client._slots) == 1 or task.done())
+                    await until(lambda: len(client._slots) == 1 or task.done())
                     if task.done():
                         outcomes.add("replied before the stop")
                         await client.rpc(c.Tclunk(50 + i))
@@ -310,7 +302,7 @@ def test_client_cancel_against_diod(run, export: Path) -> None:
                     task.cancel()
                     # Waiting on a loaded machine, not sleeping a fixed time: the Tflush
                     # goes out on the next loop iteration, whenever that comes.
-                    await _until(lambda: len(client._slots) == 2)
+                    await until(lambda: len(client._slots) == 2)
                     assert not task.done()  # waiting for the Rflush, tag still held
                 finally:
                     os.kill(diod.proc.pid, signal.SIGCONT)
@@ -318,13 +310,13 @@ def test_client_cancel_against_diod(run, export: Path) -> None:
                     reply = await asyncio.wait_for(task, 10)
                     assert reply.TYPE == 111
                     outcomes.add("replied")
-                    await client.rpc(c.Tclunk(50 + i))  # the walk took effect
+                    await asyncio.wait_for(client.rpc(c.Tclunk(50 + i)), 15)  # the walk took effect
                 except asyncio.CancelledError:
                     outcomes.add("aborted")
                 assert not client._slots  # both tags released after the Rflush
-            st = await client.stat("file")
+            st = await asyncio.wait_for(client.stat("file"), 15)
             assert st.size == 10
-            await client.close()
+            await asyncio.wait_for(client.close(), 15)
         assert outcomes
 
     run(body())

@@ -9,14 +9,13 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sigpoll.ninep import Client, Limits, NinepError, NinepServer
 from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import HoldHook, RawClient
+from sigpoll.ninep._testing import HoldHook, RawClient, serve_tcp, until
 
 BIG = os.urandom(1 << 20)
 
@@ -34,19 +33,8 @@ def _nfds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def _serve(export: Path, **kw: object) -> tuple[NinepServer, int]:
-    server = NinepServer(export, **kw)  # type: ignore[arg-type]
-    srv = await server.start_tcp("127.0.0.1", 0)
-    return server, srv.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
 
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` on the loop until it holds (fails the test after ``timeout``)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 def test_limits_reject_bad_values() -> None:
@@ -63,7 +51,7 @@ def test_limits_reject_bad_values() -> None:
 def test_max_fids_emfile_and_clunk_frees(run, export: Path) -> None:
     async def body() -> None:
         before = _nfds()
-        server, port = await _serve(export, limits=Limits(max_fids=4))
+        server, port = await serve_tcp(export, limits=Limits(max_fids=4))
         cl = await Client.connect_tcp("127.0.0.1", port)  # the root fid is one of the 4
         fids = [await cl.walk("f") for _ in range(3)]
         conn = next(iter(server.connections))
@@ -107,7 +95,7 @@ def test_max_inflight_stops_reading(run, export: Path) -> None:
 
     async def body() -> None:
         hook = HoldHook()
-        server, port = await _serve(export, hook=hook, limits=Limits(max_inflight=2))
+        server, port = await serve_tcp(export, hook=hook, limits=Limits(max_inflight=2))
         raw = await RawClient.connect("127.0.0.1", port)
         await raw.handshake()
         for tag in (10, 11):
@@ -117,7 +105,7 @@ def test_max_inflight_stops_reading(run, export: Path) -> None:
         await hook.reached(10)
         await hook.reached(11)
         conn = next(iter(server.connections))
-        await _until(lambda: conn._read_paused)
+        await until(lambda: conn._read_paused)
         seen = [m.tag for m in hook.seen]
         assert 12 not in seen and 13 not in seen  # read, but not taken up
         await raw.expect_nothing()
@@ -127,7 +115,7 @@ def test_max_inflight_stops_reading(run, export: Path) -> None:
         assert got == {12, 13}
         hook.release(11)
         assert (await raw.recv()).tag == 11
-        await _until(lambda: not conn._read_paused)
+        await until(lambda: not conn._read_paused)
         assert (await raw.rpc(c.Tgetattr(0, c.GETATTR_BASIC, tag=14))).TYPE == 25
         # A Tflush read while over the limit waits its turn, in order, and still aborts
         # its target (held, so not started): no reply for 20, only the Rflush.
@@ -137,7 +125,7 @@ def test_max_inflight_stops_reading(run, export: Path) -> None:
                  c.Tflush(20, tag=22))
         await hook.reached(20)
         await hook.reached(21)
-        await _until(lambda: bool(conn._backlog))
+        await until(lambda: bool(conn._backlog))
         hook.release(21)
         assert [(r.tag, r.TYPE) for r in (await raw.recv(), await raw.recv())] == [
             (21, 25), (22, 109)]
@@ -153,7 +141,7 @@ def test_max_connections_refuses_with_log(run, export: Path,
                                          caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
         before = _nfds()
-        server, port = await _serve(export, limits=Limits(max_connections=2))
+        server, port = await serve_tcp(export, limits=Limits(max_connections=2))
         a = await Client.connect_tcp("127.0.0.1", port)
         b = await Client.connect_tcp("127.0.0.1", port)
         with caplog.at_level(logging.WARNING, logger="sigpoll.ninep"):
@@ -164,7 +152,7 @@ def test_max_connections_refuses_with_log(run, export: Path,
         assert len(server.connections) == 2
         assert await a.read_file("f") == b"limits\n"  # the others carry on
         await a.close()
-        await _until(lambda: len(server.connections) == 1)
+        await until(lambda: len(server.connections) == 1)
         c3 = await Client.connect_tcp("127.0.0.1", port)  # room again
         assert await c3.read_file("f") == b"limits\n"
         await b.close()
@@ -177,7 +165,7 @@ def test_max_connections_refuses_with_log(run, export: Path,
 
 def test_msize_cap_and_oversize_frame(run, export: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
-        server, port = await _serve(export, msize=8192)
+        server, port = await serve_tcp(export, msize=8192)
         cl = await Client.connect_tcp("127.0.0.1", port, msize=1 << 20)
         assert cl.msize == 8192
         assert await cl.read_file("big") == BIG  # split into reads that fit
@@ -190,7 +178,7 @@ def test_msize_cap_and_oversize_frame(run, export: Path, caplog: pytest.LogCaptu
             assert await raw.at_eof()
         assert any("outside" in r.getMessage() for r in caplog.records)
         await raw.close()
-        await _until(lambda: not server.connections)
+        await until(lambda: not server.connections)
         await server.close()
 
     run(body())
@@ -202,7 +190,7 @@ def test_queued_output_bound_when_client_does_not_read(run, export: Path) -> Non
 
     async def body() -> None:
         limit = 128 * 1024
-        server, port = await _serve(export, limits=Limits(max_queued_output=limit,
+        server, port = await serve_tcp(export, limits=Limits(max_queued_output=limit,
                                                            max_inflight=2))
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
@@ -221,7 +209,7 @@ def test_queued_output_bound_when_client_does_not_read(run, export: Path) -> Non
             off = (i * chunk) % len(BIG)
             raw.send(c.Tread(1, off, chunk, tag=100 + i))
         conn = next(iter(server.connections))
-        await _until(lambda: conn._write_paused)
+        await until(lambda: conn._write_paused)
         await asyncio.sleep(0.2)
         queued = conn._writer.get_write_buffer_size()  # type: ignore[union-attr]
         # At most the limit, plus the reply that crossed it and those still under way
@@ -234,7 +222,7 @@ def test_queued_output_bound_when_client_does_not_read(run, export: Path) -> Non
             off = (i * chunk) % len(BIG)
             assert r.tag == 100 + i and r.data == BIG[off:off + chunk]
         await raw.close()
-        await _until(lambda: not server.connections)
+        await until(lambda: not server.connections)
         await server.close()
 
     run(body())
@@ -245,7 +233,7 @@ def test_client_caps_outstanding_tags(run, export: Path) -> None:
 
     async def body() -> None:
         hook = HoldHook()
-        server, port = await _serve(export, hook=hook)
+        server, port = await serve_tcp(export, hook=hook)
         cl = await Client.connect_tcp("127.0.0.1", port, max_tags=2)
         first = [cl._free_tags[-1], cl._free_tags[-2]]
         for tag in first:

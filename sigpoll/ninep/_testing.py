@@ -11,13 +11,14 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import _codec as c
 from ._codec import Message
-from ._server import Request
+from ._server import NinepServer, Request
 
-__all__ = ["HoldHook", "RawClient", "DiodProcess", "free_port", "find_diod_tool"]
+__all__ = ["HoldHook", "RawClient", "DiodProcess", "free_port", "find_diod_tool", "serve_tcp", "until"]
 
 
 class HoldHook:
@@ -178,3 +179,20 @@ class DiodProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def serve_tcp(export: Any, **kw: Any) -> tuple[NinepServer, int]:
+    """A :class:`NinepServer` for ``export`` listening on a free loopback port: (server, port)."""
+    server = NinepServer(str(export), **kw)
+    srv = await server.start_tcp("127.0.0.1", 0)
+    return server, srv.sockets[0].getsockname()[1]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` on the running loop until it holds; AssertionError after ``timeout``
+    (tests wait for a state, never for a fixed time)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
