@@ -40,6 +40,7 @@ connections per server (a new one is closed at once, with a log line), and the m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -50,7 +51,7 @@ import stat
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, Union
@@ -991,6 +992,15 @@ class _Connection(asyncio.Protocol):
         f.refs += 1
         return f
 
+    @contextlib.contextmanager
+    def _borrowed(self, fid: int) -> Iterator[_Fid]:
+        """``with conn._borrowed(fid) as f:`` -- :meth:`_take` for the block's duration."""
+        f = self._take(fid)
+        try:
+            yield f
+        finally:
+            self._give_back(f)
+
     def _give_back(self, f: _Fid) -> None:
         f.refs -= 1
         if f.refs == 0 and f.clunked:
@@ -1167,21 +1177,19 @@ def _walk_done(conn: _Connection, m: Message, f: _Fid, h: Handle | None,
 
 @_handles(110)
 async def _walk(conn: _Connection, m: Message) -> _Reply:
-    f = conn._take(m.fid)
-    try:
+    with conn._borrowed(m.fid) as f:
         if m.newfid != m.fid:
             conn._check_new(m.newfid)
         # Walking from an open fid is allowed (diodls lists a directory that way); the
         # walk only uses the O_PATH handle, never the open file.
         start = conn._handle(f)
         h, qids, err = await conn.server._call(_walk_work, conn.fs, start, m.wnames)
-    finally:
-        conn._give_back(f)
     return _walk_done(conn, m, f, h, qids, err)
 
 
 @_fast(110)
 def _walk_fast(conn: _Connection, m: Message) -> _Reply:
+    # try/finally, not _borrowed(): the inline path saves the generator.
     f = conn._take(m.fid)
     try:
         if m.newfid != m.fid:
@@ -1194,8 +1202,7 @@ def _walk_fast(conn: _Connection, m: Message) -> _Reply:
 
 @_handles(12)
 async def _lopen(conn: _Connection, m: Message) -> Message:
-    f = conn._take(m.fid)
-    try:
+    with conn._borrowed(m.fid) as f:
         if f.open_fd is not None or f.xattr is not None:
             raise _Error(errno.EBUSY)
         h = conn._handle(f)
@@ -1211,8 +1218,6 @@ async def _lopen(conn: _Connection, m: Message) -> Message:
 
         fd, st = await conn.server._call(go)
         return _lopen_done(conn, f, fd, st)
-    finally:
-        conn._give_back(f)
 
 
 def _lopen_done(conn: _Connection, f: _Fid, fd: int, st: os.stat_result) -> Message:
@@ -1226,6 +1231,7 @@ def _lopen_done(conn: _Connection, f: _Fid, fd: int, st: os.stat_result) -> Mess
 
 @_fast(12)
 def _lopen_fast(conn: _Connection, m: Message) -> Message | None:
+    # try/finally, not _borrowed(): the inline path saves the generator.
     f = conn._take(m.fid)
     try:
         if f.open_fd is not None or f.xattr is not None:
@@ -1249,8 +1255,7 @@ def _lopen_fast(conn: _Connection, m: Message) -> Message | None:
 
 @_handles(14)
 async def _lcreate(conn: _Connection, m: Message) -> Message:
-    f = conn._take(m.fid)
-    try:
+    with conn._borrowed(m.fid) as f:
         if f.open_fd is not None:
             raise _Error(errno.EBUSY)
         d = conn._handle(f)
@@ -1278,8 +1283,6 @@ async def _lcreate(conn: _Connection, m: Message) -> Message:
         if old is not None:
             old.close()
         return c.Rlcreate(fs.qid(st), conn._iounit())
-    finally:
-        conn._give_back(f)
 
 
 def _simple(mtype: int, reply: Callable[..., Message], fids: tuple[str, ...],
@@ -1416,7 +1419,8 @@ _simple(24, c.Rgetattr, ("fid",), _w_getattr)
 
 @_fast(24)
 def _getattr_fast(conn: _Connection, m: Message) -> _Reply | None:
-    # _w_getattr's reply, laid out directly (see "hot wire" above).
+    # _w_getattr's reply, laid out directly (see "hot wire" above).  try/finally, not
+    # _borrowed(): the inline path saves the generator.
     f = conn._take(m.fid)
     try:
         st = _retry_eintr(conn.fs.stat, conn._handle(f))
@@ -1451,8 +1455,7 @@ async def _read(conn: _Connection, m: Message) -> _Reply:
 async def _read_rest(conn: _Connection, m: Message, buf: bytearray | None,
                      got: int) -> _Reply:
     """Read in a worker; ``buf`` may already hold the first ``got`` bytes."""
-    f = conn._take(m.fid)
-    try:
+    with conn._borrowed(m.fid) as f:
         count = min(m.count, conn.msize - _RW_OVERHEAD)
         if f.xattr is not None:
             return c.Rread(f.xattr[m.offset:m.offset + count])
@@ -1463,8 +1466,6 @@ async def _read_rest(conn: _Connection, m: Message, buf: bytearray | None,
         n = await conn.server._call(_pread_into, f.open_fd, buf, got, count, m.offset,
                                     f.regular)
         return _rread_seal(buf, m.tag, n)
-    finally:
-        conn._give_back(f)
 
 
 def _pread_into(fd: int, buf: bytearray, got: int, count: int, offset: int,
@@ -1491,8 +1492,7 @@ def _pread_into(fd: int, buf: bytearray, got: int, count: int, offset: int,
 
 @_handles(118)
 async def _write(conn: _Connection, m: Message) -> Message:
-    f = conn._take(m.fid)
-    try:
+    with conn._borrowed(m.fid) as f:
         if f.xattr_new is not None:
             name, size, flags, buf = f.xattr_new
             end = m.offset + len(m.data)
@@ -1506,8 +1506,6 @@ async def _write(conn: _Connection, m: Message) -> Message:
             raise _Error(errno.EBADF)
         n = await conn.server._call(_pwrite, f.open_fd, m.data, m.offset, f.regular)
         return c.Rwrite(n)
-    finally:
-        conn._give_back(f)
 
 
 def _rread_frame(count: int) -> bytearray:
@@ -1574,11 +1572,8 @@ def _clunk_fast(conn: _Connection, m: Message) -> _Reply | None:
     f = conn.fids.get(m.fid)
     if f is None or f.xattr_new is not None:
         return None  # an error, or an xattr to set: the pool path
-    f = conn._take(m.fid)
-    try:
+    with conn._borrowed(m.fid) as f:
         conn._drop(m.fid)
-    finally:
-        conn._give_back(f)
     return _S_R0.pack(7, 121, m.tag)
 
 
@@ -1593,8 +1588,7 @@ def _pwrite(fd: int, data: bytes, offset: int, regular: bool) -> int:
 
 @_handles(40)
 async def _readdir(conn: _Connection, m: Message) -> Message:
-    f = conn._take(m.fid)
-    try:
+    with conn._borrowed(m.fid) as f:
         if f.open_fd is None:
             raise _Error(errno.EBADF)
         h = conn._handle(f)
@@ -1606,14 +1600,11 @@ async def _readdir(conn: _Connection, m: Message) -> Message:
         limit = min(m.count, conn.msize - _RW_OVERHEAD)
         data, _ = c.encode_dirents(entries, limit)
         return c.Rreaddir(data)
-    finally:
-        conn._give_back(f)
 
 
 @_handles(120)
 async def _clunk(conn: _Connection, m: Message) -> Message:
-    f = conn._take(m.fid)
-    try:
+    with conn._borrowed(m.fid) as f:
         conn._drop(m.fid)
         if f.xattr_new is not None:
             name, size, flags, buf = f.xattr_new
@@ -1624,26 +1615,20 @@ async def _clunk(conn: _Connection, m: Message) -> Message:
             value = bytes(buf) if size or not flags & 2 else None
             await conn.server._call(conn.fs.setxattr, h, name, value, flags)
         return c.Rclunk()
-    finally:
-        conn._give_back(f)
 
 
 @_handles(122)
 async def _remove(conn: _Connection, m: Message) -> Message:
-    f = conn._take(m.fid)
-    try:
+    with conn._borrowed(m.fid) as f:
         # The fid is clunked whether or not the remove succeeds (9P's rule).
         conn._drop(m.fid)
         await conn.server._call(conn.fs.remove, conn._handle(f))
         return c.Rremove()
-    finally:
-        conn._give_back(f)
 
 
 @_handles(30)
 async def _xattrwalk(conn: _Connection, m: Message) -> Message:
-    f = conn._take(m.fid)
-    try:
+    with conn._borrowed(m.fid) as f:
         conn._check_new(m.newfid)
         h = conn._handle(f)
         value = await conn.server._call(conn.fs.getxattr, h, m.name)
@@ -1651,14 +1636,11 @@ async def _xattrwalk(conn: _Connection, m: Message) -> Message:
             raise _Error(errno.EBADF)
         conn._install(m.newfid, _Fid(conn.fs.clone(h), f.uid, xattr=value))
         return c.Rxattrwalk(len(value))
-    finally:
-        conn._give_back(f)
 
 
 @_handles(32)
 async def _xattrcreate(conn: _Connection, m: Message) -> Message:
-    f = conn._take(m.fid)
-    try:
+    with conn._borrowed(m.fid) as f:
         if conn.fs.read_only:
             raise _Error(errno.EROFS)
         if m.attr_size > 64 * 1024:
@@ -1666,5 +1648,3 @@ async def _xattrcreate(conn: _Connection, m: Message) -> Message:
         # The value arrives in Twrites on this fid and is applied when it is clunked.
         f.xattr_new = (m.name, m.attr_size, m.flags, bytearray())
         return c.Rxattrcreate()
-    finally:
-        conn._give_back(f)
