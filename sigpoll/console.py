@@ -192,17 +192,19 @@ async def _attach(path: str, escape: int, log: BinaryIO | None, raw: bool) -> in
         _say(f"cannot open {path}: {exc.strerror}")
         return 1
     _say(f"attached to {path} (pid {os.getpid()}); escape is {_show(escape)}")
-    bridge = Bridge(escape, log, raw=raw)
-    with stty.raw_mode(0):
-        reason = await bridge.run(fd, close_console=True)
-    _report_dropped(bridge)
-    _say(reason)
+    _say(await _bridge_terminal(fd, escape, log, raw))
     return 0
 
 
-def _report_dropped(bridge: Bridge) -> None:
+async def _bridge_terminal(console_fd: int, escape: int, log: BinaryIO | None, raw: bool) -> str:
+    """Join the terminal, in raw mode, with ``console_fd`` until detach or hang-up; say what
+    the filter kept from the terminal, and return why it ended."""
+    bridge = Bridge(escape, log, raw=raw)
+    with stty.raw_mode(0):
+        reason = await bridge.run(console_fd, close_console=True)
     if summary := bridge.dropped():
         _say(summary)
+    return reason
 
 
 async def _run(argv: Sequence[str], escape: int, log: BinaryIO | None, raw: bool) -> int:
@@ -223,10 +225,7 @@ async def _run(argv: Sequence[str], escape: int, log: BinaryIO | None, raw: bool
         _say(f"cannot run {argv[0]}: {exc.strerror}")
         return 127
     _say(f"running {' '.join(argv)} on {path} (pid {os.getpid()}); escape is {_show(escape)}")
-    bridge = Bridge(escape, log, raw=raw)
-    with stty.raw_mode(0):
-        reason = await bridge.run(master, close_console=True)
-    _report_dropped(bridge)
+    reason = await _bridge_terminal(master, escape, log, raw)
     try:
         code = proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
