@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from sigpoll._testing import until
+
 from sigpoll.virtio import ConsoleDevice, ControlEvent, ResizeOrder, VhostUserBackend, open_port
 from sigpoll.virtio._frontend import Frontend
 from sigpoll.virtio._vhost_user import (
@@ -65,13 +67,6 @@ class Collect(asyncio.Protocol):
         self.resumed += 1
 
 
-async def _until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.005)
 
 
 def _sock_path(tmp_path: Any) -> str:
@@ -131,7 +126,7 @@ def test_kick_around_enable_is_never_lost(run: Any, tmp_path: Any, reply_ack: bo
             fe.close()
 
         await asyncio.to_thread(frontend)
-        await _until(lambda: len(proto.data) >= len(expected))
+        await until(lambda: len(proto.data) >= len(expected))
         assert bytes(proto.data) == bytes(expected)
         assert not backend.dropped
         server.cancel()
@@ -297,7 +292,7 @@ def test_nonsense_drops_the_frontend_and_the_next_one_is_served(run: Any, tmp_pa
         for n, kind in enumerate(NONSENSE + ["half-header"]):
             await asyncio.to_thread(_nonsense, path, kind)
             # that session's end resets the device, which hangs up attached transports
-            await _until(lambda n=n: backend.sessions == 2 * n + 1 and backend.connection is None)
+            await until(lambda n=n: backend.sessions == 2 * n + 1 and backend.connection is None)
             proto = Collect()
             device.ports[0].connect(lambda: proto)
 
@@ -500,7 +495,7 @@ def test_paused_reader_leaves_buffers_in_the_ring(run: Any, tmp_path: Any) -> No
         transport.resume_reading()
         used = await asyncio.to_thread(fe.wait_used, 1, 10)
         assert len(used) == 10
-        await _until(lambda: len(proto.data) == sum(len(b"x%d" % k) for k in range(10)))
+        await until(lambda: len(proto.data) == sum(len(b"x%d" % k) for k in range(10)))
         await asyncio.to_thread(fe.close)
         server.cancel()
         await asyncio.gather(server, return_exceptions=True)

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from sigpoll._testing import until
+
 from sigpoll import WriteBufferFullError
 from sigpoll.virtio import ConsoleDevice, VhostUserBackend, open_port
 from sigpoll.virtio._frontend import Frontend
@@ -33,13 +35,6 @@ class Collect(asyncio.Protocol):
             self.lost.set_result(exc)
 
 
-async def _until(pred: Any, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.005)
 
 
 def _frontend(path: str) -> Frontend:
@@ -83,12 +78,12 @@ def test_frontend_dying_mid_message_leaves_the_backend_serving(run: Any, tmp_pat
             fe.close()
 
         await asyncio.to_thread(die_mid_header_then_mid_payload)
-        await _until(lambda: backend.sessions == 2 and backend.connection is None)
+        await until(lambda: backend.sessions == 2 and backend.connection is None, timeout=20.0)
         # The device went away with each frontend, ending host transports; attach anew.
         proto = Collect()
         device.ports[0].connect(lambda: proto)
         await asyncio.to_thread(live)
-        await _until(lambda: bytes(proto.data) == b"still here" or proto.lost.done())
+        await until(lambda: bytes(proto.data) == b"still here" or proto.lost.done(), timeout=20.0)
         assert bytes(proto.data) == b"still here"
         assert backend.sessions == 3
         server.cancel()
@@ -139,7 +134,7 @@ def test_a_full_call_pipe_neither_blocks_nor_loses_data(run: Any, tmp_path: Any)
             return sent
 
         assert await asyncio.to_thread(guest) == 2000
-        await _until(lambda: len(proto.data) >= len(expected))
+        await until(lambda: len(proto.data) >= len(expected), timeout=20.0)
         assert bytes(proto.data) == expected
         server.cancel()
         await asyncio.gather(server, return_exceptions=True)

@@ -11,11 +11,12 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from . import _codec as c
 from ._codec import Message
+from .._testing import until
 from ._server import NinepServer, Request
 
 __all__ = ["HoldHook", "RawClient", "DiodProcess", "free_port", "find_diod_tool", "serve_tcp", "until"]
@@ -187,12 +188,3 @@ async def serve_tcp(export: Any, **kw: Any) -> tuple[NinepServer, int]:
     srv = await server.start_tcp("127.0.0.1", 0)
     return server, srv.sockets[0].getsockname()[1]
 
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` on the running loop until it holds; AssertionError after ``timeout``
-    (tests wait for a state, never for a fixed time)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
