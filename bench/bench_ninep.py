@@ -57,11 +57,11 @@ def cpu_clock(pid: int) -> int:
 
 
 class OurServer:
-    def __init__(self, export: str) -> None:
+    def __init__(self, export: str, busy_poll_us: float = 0) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sigpoll.ninep", "serve", export, "-q",
-             "--listen", f"127.0.0.1:{self.port}"])
+             "--listen", f"127.0.0.1:{self.port}", "--busy-poll-us", str(busy_poll_us)])
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -163,6 +163,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--busy-poll-us", type=float, default=500,
+                    help="busy-polling ceiling of the ours_poll server (default 500)")
     args = ap.parse_args()
     if args.quick:
         args.mib, args.ops, args.rounds = 8, 300, 1
@@ -175,22 +177,25 @@ def main() -> int:
             f.write(os.urandom(args.mib * 1024 * 1024))
         os.makedirs(os.path.join(export, "sub", "deep"))
         open(os.path.join(export, "sub", "deep", "f"), "wb").close()
-        ours = OurServer(export)
-        diod = DiodProcess(export)
-        results: dict[str, list[dict[str, float]]] = {"ours": [], "diod": []}
-        cpu: dict[str, list[dict[str, float]]] = {"ours": [], "diod": []}
+        servers: dict[str, OurServer | DiodProcess] = {}
         try:
+            servers["ours"] = OurServer(export)
+            servers["ours_poll"] = OurServer(export, busy_poll_us=args.busy_poll_us)
+            servers["diod"] = DiodProcess(export)
+            results: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+            cpu: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
             for r in range(args.rounds):
-                order = [("ours", ours.port, ours.proc.pid), ("diod", diod.port, diod.proc.pid)]
+                order = list(servers.items())
                 if r % 2:
                     order.reverse()
-                for name, port, pid in order:
-                    rates, used = asyncio.run(_measure(port, pid, export, args, name))
+                for name, server in order:
+                    rates, used = asyncio.run(
+                        _measure(server.port, server.proc.pid, export, args, name))
                     results[name].append(rates)
                     cpu[name].append(used)
         finally:
-            ours.stop()
-            diod.stop()
+            for server in servers.values():
+                server.stop()
     finally:
         shutil.rmtree(export, ignore_errors=True)
 
@@ -199,30 +204,36 @@ def main() -> int:
                 for name, rs in runs.items()}
 
     med, cpu_med = median(results), median(cpu)
-    keys = list(med["ours"])
-    ratios = {k: med["ours"][k] / med["diod"][k] for k in keys}
+    keys = list(med["diod"])
+    ours_names = ("ours", "ours_poll")
+    ratios = {o: {k: med[o][k] / med["diod"][k] for k in keys} for o in ours_names}
     # Per round (the servers ran back to back in each): how far the ratio moved.
-    spread = {k: [a[k] / b[k] for a, b in zip(results["ours"], results["diod"])] for k in keys}
-    cpu_ratios = {k: cpu_med["diod"][k] / cpu_med["ours"][k] for k in keys}
+    spread = {o: {k: [a[k] / b[k] for a, b in zip(results[o], results["diod"])] for k in keys}
+              for o in ours_names}
+    cpu_ratios = {o: {k: cpu_med["diod"][k] / cpu_med[o][k] for k in keys} for o in ours_names}
     if args.json:
-        print(json.dumps({"median": med, "ratio_ours_over_diod": ratios,
+        print(json.dumps({"median": med, "ratio_over_diod": ratios,
                           "ratio_per_round": spread, "cpu_us_per_op": cpu_med,
-                          "cpu_ratio_diod_over_ours": cpu_ratios,
+                          "cpu_ratio_diod_over": cpu_ratios, "busy_poll_us": args.busy_poll_us,
                           "mib": args.mib, "ops": args.ops, "rounds": args.rounds}))
         return 0
     print(f"9P2000.L over loopback TCP, msize {MSIZE}, {args.mib} MiB, {args.ops} ops, "
-          f"median of {args.rounds}")
-    print(f"{'metric':<22}{'ours':>12}{'diod':>12}{'ours/diod':>12}{'min..max':>14}")
+          f"median of {args.rounds}; ours_poll: --busy-poll-us {args.busy_poll_us:g}")
+    print(f"{'metric':<20}{'ours':>9}{'ours_poll':>11}{'diod':>9}"
+          f"{'ours/diod':>11}{'min..max':>12}{'poll/diod':>11}{'min..max':>12}")
     for k in keys:
-        lo, hi = min(spread[k]), max(spread[k])
-        print(f"{k:<22}{med['ours'][k]:>12.1f}{med['diod'][k]:>12.1f}{ratios[k]:>12.2f}"
-              f"{lo:>8.2f}..{hi:.2f}")
+        cells = "".join(f"{ratios[o][k]:>11.2f}{min(spread[o][k]):>7.2f}..{max(spread[o][k]):.2f}"
+                        for o in ours_names)
+        print(f"{k:<20}{med['ours'][k]:>9.1f}{med['ours_poll'][k]:>11.1f}{med['diod'][k]:>9.1f}"
+              + cells)
     print()
     print("server CPU per operation (µs; bulk: per 64 KiB request, small: per round)")
-    print(f"{'metric':<22}{'ours':>12}{'diod':>12}{'diod/ours':>12}")
+    print(f"{'metric':<20}{'ours':>9}{'ours_poll':>11}{'diod':>9}{'diod/ours':>11}"
+          f"{'diod/poll':>11}")
     for k in keys:
-        print(f"{k:<22}{cpu_med['ours'][k]:>12.1f}{cpu_med['diod'][k]:>12.1f}"
-              f"{cpu_ratios[k]:>12.2f}")
+        print(f"{k:<20}{cpu_med['ours'][k]:>9.1f}{cpu_med['ours_poll'][k]:>11.1f}"
+              f"{cpu_med['diod'][k]:>9.1f}{cpu_ratios['ours'][k]:>11.2f}"
+              f"{cpu_ratios['ours_poll'][k]:>11.2f}")
     return 0
 
 

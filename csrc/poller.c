@@ -79,6 +79,9 @@ struct sp_poller {
     struct pollfd *pfds; /* scratch for the level check, nregs_cap long */
     uint64_t batch;
 
+    int64_t poll_max_ns; /* busy-poll ceiling (0: off) */
+    int64_t poll_ns;     /* current busy-poll budget, adapted after each wait */
+
     sp_counters c;
 };
 
@@ -548,6 +551,42 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+#define POLL_START_NS 4000
+
+/* Look at the epoll set without sleeping until something is there or budget_ns has gone.
+ * Returns what epoll_wait returned last (0: nothing, so the caller sleeps). */
+static int busy_poll(int epfd, struct epoll_event *buf, int cap, int64_t start, int64_t budget_ns)
+{
+    int got;
+    do {
+        got = epoll_wait(epfd, buf, cap, 0);
+    } while (got == 0 && now_ns() - start < budget_ns);
+    return got;
+}
+
+/* After a wait that began at start (QEMU's AioContext adapts its polling the same way):
+ * an event inside the budget keeps it; a gap longer than the ceiling stops polling; a gap
+ * in between grows the budget towards it. */
+static void adapt_poll(sp_poller *p, int64_t start)
+{
+    int64_t took = now_ns() - start;
+    if (took <= p->poll_ns)
+        return;
+    if (took > p->poll_max_ns) {
+        p->poll_ns = 0;
+        return;
+    }
+    int64_t grown = p->poll_ns ? p->poll_ns * 2 : POLL_START_NS;
+    p->poll_ns = grown < p->poll_max_ns ? grown : p->poll_max_ns;
+}
+
 static void add_hint(sp_poller *p, int fd)
 {
     reg *r = lookup(p, fd);
@@ -698,29 +737,46 @@ static int wait_sigpoll(sp_poller *p, int timeout_ms, sp_event *out, int max, ui
     int epfd = p->epfd;
     if (p->nhints)
         timeout_ms = 0; /* carried-over hints are answered now */
+    /* A zero timeout asks for a look, not a wait: it neither polls nor says anything
+     * about how long events take to come. */
+    int adapt = p->poll_max_ns > 0 && timeout_ms != 0;
+    int64_t budget = p->poll_ns;
+    if (timeout_ms > 0 && budget > (int64_t)timeout_ms * 1000000)
+        budget = (int64_t)timeout_ms * 1000000;
     pthread_mutex_unlock(&p->lock);
 
     int cap = max < p->evcap ? max : p->evcap;
-    int got;
+    int64_t start = adapt ? now_ns() : 0;
+    int got = 0, polled = 0;
+    if (adapt && budget > 0) {
+        got = busy_poll(epfd, p->evbuf, cap, start, budget);
+        polled = got > 0;
+    }
     for (;;) {
-        got = epoll_wait(epfd, p->evbuf, cap, timeout_ms);
+        if (got == 0 && !polled) {
+            if (timeout_ms > 0) {
+                int64_t left = deadline - now_ms();
+                timeout_ms = left > 0 ? (int)left : 0;
+            }
+            got = epoll_wait(epfd, p->evbuf, cap, timeout_ms);
+        }
         if (got >= 0 || errno != EINTR)
             break;
+        got = 0;
         if (p->options & SP_RETURN_ON_EINTR) {
             *woken |= SP_INTERRUPTED;
-            got = 0;
             break;
         }
-        /* Interrupted: restart with what is left, never surface EINTR. */
-        if (timeout_ms > 0) {
-            int64_t left = deadline - now_ms();
-            timeout_ms = left > 0 ? (int)left : 0;
-        }
+        /* Interrupted: restart with what is left (above), never surface EINTR. */
     }
     int err = got < 0 ? -errno : 0;
 
     pthread_mutex_lock(&p->lock);
     p->c.wakeups++;
+    if (polled)
+        p->c.polled++;
+    if (adapt && p->poll_max_ns > 0)
+        adapt_poll(p, start);
     if (p->closed || err)
         return err;
     p->batch++;
@@ -877,6 +933,26 @@ void sp_poller_set_options(sp_poller *p, uint32_t options)
     pthread_mutex_lock(&p->lock);
     p->options = options;
     pthread_mutex_unlock(&p->lock);
+}
+
+void sp_poller_set_busy_poll(sp_poller *p, int64_t max_ns)
+{
+    if (max_ns < 0)
+        max_ns = 0;
+    if (max_ns > 1000000000)
+        max_ns = 1000000000;
+    pthread_mutex_lock(&p->lock);
+    p->poll_max_ns = max_ns;
+    p->poll_ns = 0;
+    pthread_mutex_unlock(&p->lock);
+}
+
+int64_t sp_poller_busy_poll(sp_poller *p)
+{
+    pthread_mutex_lock(&p->lock);
+    int64_t v = p->poll_max_ns;
+    pthread_mutex_unlock(&p->lock);
+    return v;
 }
 
 int sp_poller_owner_tid(sp_poller *p) { return p->owner_tid; }

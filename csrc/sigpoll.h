@@ -35,6 +35,7 @@ typedef struct sp_counters {
     uint64_t edges_recovered; /* hint for an fd epoll had not reported, found ready at level */
     uint64_t overflows;       /* plain SIGIO seen: the RT signal queue overflowed */
     uint64_t rescans;         /* full level rescans of every registered fd */
+    uint64_t polled;          /* waits answered while busy-polling, without sleeping */
 } sp_counters;
 
 enum sp_mode {
@@ -88,6 +89,18 @@ int sp_poller_lookup(sp_poller *p, int fd, uint32_t *events, uint32_t *flags);
 int sp_poller_wait(sp_poller *p, int timeout_ms, sp_event *out, int max, uint32_t *woken);
 
 void sp_poller_set_options(sp_poller *p, uint32_t options);
+
+/*
+ * Adaptive busy polling (off until set): before sleeping, a wait looks at the epoll set
+ * without blocking for up to a budget that adapts between 0 and max_ns.  Waking a thread
+ * that sleeps in epoll_wait costs tens of microseconds on a virtual machine; a peer that
+ * answers within the budget is seen without that cost, at the price of a spinning CPU.
+ * The budget grows (4 us, then doubling) while events keep arriving within max_ns of the
+ * wait starting, and drops to 0 when one did not, so an idle poller sleeps at once.
+ * max_ns 0 turns it off; values are clamped to [0, 1 s].
+ */
+void sp_poller_set_busy_poll(sp_poller *p, int64_t max_ns);
+int64_t sp_poller_busy_poll(sp_poller *p);
 
 /* After a wait returned SP_INTERRUPTED: milliseconds left of its timeout (-1: none). */
 int sp_poller_remaining_ms(sp_poller *p);

@@ -22,6 +22,7 @@ import os
 import signal as _signal
 import socket
 import sys
+import threading
 import warnings
 from asyncio import events as _events
 from asyncio import format_helpers as _format_helpers
@@ -165,13 +166,13 @@ class _ReadPipeTransport(_ReadPipeTransportBase):  # type: ignore[misc]
         self._loop.call_soon(self._call_connection_lost, None)
 
 
-def _new_poller(signal: int | None) -> Poller:
+def _new_poller(signal: int | None, busy_poll_us: float) -> Poller:
     # The poller warns about threads that do not block its signals.  That only matters
     # once a device fd sends signals, and a plain loop has none, so the check is
     # deferred to the first add_device_reader/writer (see Loop._check_thread_masks).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SignalMaskWarning)
-        return Poller(signal=signal)
+        return Poller(signal=signal, busy_poll_us=busy_poll_us)
 
 
 class Loop(asyncio.SelectorEventLoop):
@@ -179,7 +180,9 @@ class Loop(asyncio.SelectorEventLoop):
 
     Create it with :func:`new_event_loop` (or ``asyncio.Runner(loop_factory=
     sigpoll.new_event_loop)``).  ``signal`` chooses the poller's real-time hint signal
-    (default :data:`sigpoll.DEFAULT_SIGNAL`).
+    (default :data:`sigpoll.DEFAULT_SIGNAL`).  ``busy_poll_us`` turns on the poller's
+    adaptive busy polling (:attr:`busy_poll_us`): lower latency for request/reply
+    traffic, paid for with a spinning CPU.  It is off by default.
 
     On top of :class:`asyncio.AbstractEventLoop` it offers the device API:
     :meth:`add_device_reader`, :meth:`add_device_writer`, :meth:`remove_device_reader`,
@@ -197,6 +200,7 @@ class Loop(asyncio.SelectorEventLoop):
         _closed: bool
         _clock_resolution: float
         _csock: socket.socket
+        _signal_handlers: dict[int, Any]
 
         def _check_closed(self) -> None: ...
         def _check_signal(self, sig: int) -> None: ...
@@ -205,8 +209,8 @@ class Loop(asyncio.SelectorEventLoop):
         def _add_reader(self, fd: FileLike, callback: Callable[..., object], *args: Any) -> asyncio.Handle: ...
         def _add_writer(self, fd: FileLike, callback: Callable[..., object], *args: Any) -> asyncio.Handle: ...
 
-    def __init__(self, *, signal: int | None = None) -> None:
-        poller = _new_poller(signal)
+    def __init__(self, *, signal: int | None = None, busy_poll_us: float = 0) -> None:
+        poller = _new_poller(signal, busy_poll_us)
         selector = PollerSelector(poller)
         # Bound once: _run_once reads them on every iteration.
         self._poller = poller
@@ -217,6 +221,7 @@ class Loop(asyncio.SelectorEventLoop):
         self._rbuf = memoryview(bytearray(_RECV_SIZE))
         # Signal numbers whose Python-level handler ran since the self-pipe was last drained.
         self._signals_seen: set[int] = set()
+        self._wakeup_claimed = False
         super().__init__(selector)
 
     # -- transports --------------------------------------------------------------------------
@@ -480,6 +485,49 @@ class Loop(asyncio.SelectorEventLoop):
         return self._poller.counters
 
     @property
+    def busy_poll_us(self) -> float:
+        """Ceiling of the poller's adaptive busy polling, in microseconds (0: off).
+
+        See :attr:`sigpoll.Poller.busy_poll_us`.  It can be changed while the loop runs.
+        """
+        return self._poller.busy_poll_us
+
+    @busy_poll_us.setter
+    def busy_poll_us(self, value: float) -> None:
+        self._check_closed()
+        self._poller.busy_poll_us = value
+        if self.is_running():
+            self._claim_wakeup_fd()
+
+    def run_forever(self) -> None:
+        self._claim_wakeup_fd()
+        try:
+            super().run_forever()
+        finally:
+            self._release_wakeup_fd()
+
+    def _claim_wakeup_fd(self) -> None:
+        # A pending Python-level signal handler (asyncio.Runner's SIGINT, say) runs once
+        # the loop thread is back in the interpreter.  A wait asleep in epoll_wait is
+        # interrupted by the signal; a busy-polling one can miss it between two looks and
+        # then sleep on, so while it polls the signal must also leave a wake-up byte.
+        if (self._wakeup_claimed or not self._poller.busy_poll_us
+                or threading.current_thread() is not threading.main_thread()):
+            return
+        fd = self._csock.fileno()
+        old = _signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+        if old == -1:
+            self._wakeup_claimed = True
+        elif old != fd:
+            _signal.set_wakeup_fd(old)  # somebody else's: leave it alone
+
+    def _release_wakeup_fd(self) -> None:
+        if self._wakeup_claimed:
+            self._wakeup_claimed = False
+            if not self._signal_handlers:  # add_signal_handler still needs it otherwise
+                _signal.set_wakeup_fd(-1)
+
+    @property
     def poller_signal(self) -> int:
         """The real-time signal that carries the device fds' readiness hints."""
         return self._poller.signal
@@ -574,23 +622,28 @@ class Loop(asyncio.SelectorEventLoop):
                 self._handle_signal(signum)
 
 
-def new_event_loop() -> Loop:
+def new_event_loop(*, busy_poll_us: float = 0) -> Loop:
     """Return a new sigpoll event loop.  This factory is the primary entry point.
 
     Use it with ``asyncio.Runner(loop_factory=sigpoll.new_event_loop)`` or
     ``asyncio.run(main(), loop_factory=sigpoll.new_event_loop)`` (Python 3.12+), or
-    through :func:`run`.
+    through :func:`run`.  ``busy_poll_us`` is passed to :class:`Loop`.
     """
-    return Loop()
+    return Loop(busy_poll_us=busy_poll_us)
 
 
-def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None) -> _T:
+def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None,
+        busy_poll_us: float = 0) -> _T:
     """Run coroutine ``main`` on a new sigpoll loop, like :func:`asyncio.run`, and return its result.
 
-    The loop is created by :func:`new_event_loop` and closed afterwards, together with
-    async generators and the default executor, exactly as asyncio.run does.
+    The loop is created by :func:`new_event_loop` (with ``busy_poll_us``) and closed
+    afterwards, together with async generators and the default executor, exactly as
+    asyncio.run does.
     """
-    with asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
+    def factory() -> Loop:
+        return Loop(busy_poll_us=busy_poll_us)
+
+    with asyncio.Runner(debug=debug, loop_factory=factory) as runner:
         return runner.run(main)
 
 

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from . import tty as stty
+from ._loop import new_event_loop
 from ._termfilter import RESET_SEQUENCE, TerminalFilter
 
 __all__ = ["Bridge", "main", "parse_escape"]
@@ -178,13 +179,6 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    import sigpoll
-
-    factory = getattr(sigpoll, "new_event_loop", None)
-    return factory() if factory is not None else asyncio.new_event_loop()
-
-
 async def _attach(path: str, escape: int, log: BinaryIO | None, raw: bool) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
@@ -308,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log = open(args.log, "ab")
         except OSError as exc:
             parser.error(f"cannot open log {args.log}: {exc.strerror}")
-    loop = _new_loop()
+    loop = new_event_loop()
     try:
         if args.command == "attach":
             return loop.run_until_complete(_attach(args.path, escape, log, args.raw))

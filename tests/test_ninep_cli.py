@@ -130,9 +130,10 @@ def test_serve_unix(export: Path, tmp_path: Path) -> None:
             proc.kill()
 
 
-def test_serve_fd_socketpair(export: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--busy-poll-us", "300"]])
+def test_serve_fd_socketpair(export: Path, extra: list[str]) -> None:
     a, b = socket.socketpair()
-    proc = subprocess.Popen([*CMD, "serve", str(export), "--fd", f"{a.fileno()}", "-q"],
+    proc = subprocess.Popen([*CMD, "serve", str(export), "--fd", f"{a.fileno()}", "-q", *extra],
                             pass_fds=[a.fileno()])
     a.close()
     try:
@@ -164,6 +165,9 @@ def test_serve_fd_socketpair(export: Path) -> None:
         ["serve", "DIR", "--listen", "127.0.0.1:0", "--max-inflight", "-3"],
         ["serve", "DIR", "--listen", "127.0.0.1:0", "--max-connections", "many"],
         ["serve", "DIR", "--listen", "127.0.0.1:0", "--max-queued-output", "1.5"],
+        ["serve", "DIR", "--listen", "127.0.0.1:0", "--busy-poll-us", "-1"],
+        ["serve", "DIR", "--listen", "127.0.0.1:0", "--busy-poll-us", "nan"],
+        ["serve", "DIR", "--listen", "127.0.0.1:0", "--busy-poll-us", "2e6"],
         ["serve", "/nonexistent/dir", "--listen", "127.0.0.1:0"],
         ["frobnicate"],
     ],

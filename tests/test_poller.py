@@ -389,7 +389,7 @@ def test_counters_count_signals_and_hints(poller: Poller, pipe) -> None:
     assert c.hints_confirmed + c.edges_recovered + c.hints_pending >= 5
     assert set(c.as_dict()) == {
         "wakeups", "signals", "hints_confirmed", "hints_pending",
-        "edges_recovered", "overflows", "rescans",
+        "edges_recovered", "overflows", "rescans", "polled",
     }
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pathlib
 import pkgutil
+import socket
+
+import pytest
 
 import sigpoll
 
@@ -68,6 +72,45 @@ def test_public_classes_and_functions_have_docstrings() -> None:
 
 
 def test_package_is_typed() -> None:
-    import pathlib
-
     assert (pathlib.Path(sigpoll.__file__).parent / "py.typed").exists()
+
+
+def _entry_points() -> list[pathlib.Path]:
+    root = pathlib.Path(sigpoll.__file__).parent
+    return sorted([*root.rglob("__main__.py"), root / "console.py"])
+
+
+def test_command_line_entry_points_run_on_the_sigpoll_loop() -> None:
+    # Every ``python -m sigpoll...`` command is a sigpoll program: none may fall back to
+    # the stock loop (the stress tool's rivals are built in its writers, not here).
+    offenders = []
+    for path in _entry_points():
+        text = path.read_text()
+        for stock in ("asyncio.run(", "asyncio.new_event_loop(", "asyncio.Runner("):
+            if stock in text:
+                offenders.append(f"{path.relative_to(path.parents[1])}: {stock}")
+    assert not offenders, offenders
+
+
+def test_ninep_serve_runs_on_the_sigpoll_loop(tmp_path: pathlib.Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from asyncio import events
+
+    from sigpoll.ninep.__main__ import main
+
+    seen: list[type] = []
+    real = events._set_running_loop
+
+    def record(loop: object) -> None:
+        if loop is not None:
+            seen.append(type(loop))
+        real(loop)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(events, "_set_running_loop", record)
+    a, b = socket.socketpair()
+    b.close()  # the one connection ends at once, and so does the server
+    try:
+        assert main(["serve", str(tmp_path), "--fd", str(a.fileno()), "-q"]) == 0
+    finally:
+        a.close()
+    assert seen and all(t is sigpoll.Loop for t in seen), seen

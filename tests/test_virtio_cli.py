@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any
 
+import pytest
+
 from sigpoll.virtio._frontend import ConsoleDriver, Frontend
 
 
@@ -80,10 +82,13 @@ def _session(sock: str, data_sock: str, proc: subprocess.Popen[bytes], n: int) -
     return fe, drv, client
 
 
-def test_cli_serves_stdio_and_a_unix_port_to_frontends_one_after_another(tmp_path: Any) -> None:
+@pytest.mark.parametrize("extra", [[], ["--busy-poll-us", "200"]])
+def test_cli_serves_stdio_and_a_unix_port_to_frontends_one_after_another(
+        tmp_path: Any, extra: list[str]) -> None:
     sock, data_sock = str(tmp_path / "vu.sock"), str(tmp_path / "data.sock")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sigpoll.virtio", "console", "--socket", sock, "--port", f"data=unix:{data_sock}"],
+        [sys.executable, "-m", "sigpoll.virtio", "console", "--socket", sock, "--port", f"data=unix:{data_sock}",
+         *extra],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
@@ -129,4 +134,15 @@ def test_cli_refuses_to_replace_a_file_that_is_not_a_socket(tmp_path: Any) -> No
     )
     assert out.returncode == 2 and "not a socket" in out.stderr and "Traceback" not in out.stderr
     assert precious.read_text() == "keep me"
+    assert not (tmp_path / "vu.sock").exists()
+
+
+def test_cli_refuses_a_bad_busy_poll_ceiling(tmp_path: Any) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "sigpoll.virtio", "console", "--socket", str(tmp_path / "vu.sock"),
+         "--busy-poll-us", "lots"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 2 and "--busy-poll-us" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "vu.sock").exists()

@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from .._loop import new_event_loop
 from . import BootError, Guest, GuestError
 
 __all__ = ["main"]
@@ -104,10 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = command[1:]
     if command and command[0].startswith("-"):
         parser.error(f"unknown option {command[0]!r} (put the guest command after --)")
-    import sigpoll
-
-    factory = getattr(sigpoll, "new_event_loop", asyncio.new_event_loop)
-    loop = factory()
+    loop = new_event_loop()
     try:
         return loop.run_until_complete(_main(args, command))
     except KeyboardInterrupt:

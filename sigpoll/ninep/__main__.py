@@ -15,6 +15,8 @@ import signal
 import sys
 from collections.abc import Callable
 
+from .._cli import add_busy_poll_option
+from .._loop import run
 from ._server import DEFAULT_MSIZE, MIN_MSIZE, Limits, NinepServer
 
 __all__ = ["main"]
@@ -88,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-inline", dest="inline", action="store_false",
                    help="every file system call in a thread (for exports on file "
                         "systems that may hang)")
+    add_busy_poll_option(s)
     s.add_argument("-q", "--quiet", action="store_true", help="no per-connection log")
     return p
 
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:
-        asyncio.run(_serve(args))
+        run(_serve(args), busy_poll_us=args.busy_poll_us)
     except OSError as exc:
         sys.stderr.write(f"python -m sigpoll.ninep: error: {exc}\n")
         return 1

@@ -19,6 +19,8 @@ import signal
 import sys
 from typing import Any, NoReturn
 
+from .._cli import add_busy_poll_option
+from .._loop import run
 from ._backend import VhostUserBackend
 from ._console import ConsoleDevice, ConsolePort
 from ._services import PortSocket, bridge_port_to_fds, serve_ninep
@@ -66,6 +68,7 @@ def _parser() -> _Parser:
     c.add_argument("--port", type=_named_port, action="append", default=[], metavar="NAME=unix:PATH|ninep:DIR",
                    help="a named port exposed as a unix socket, or serving DIR over 9P (repeatable)")
     c.add_argument("--no-reply-ack", action="store_true", help="do not offer REPLY_ACK")
+    add_busy_poll_option(c)
     c.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="sigpoll.virtio: %(message)s", stream=sys.stderr)
-    return asyncio.run(_console(args))
+    return run(_console(args), busy_poll_us=args.busy_poll_us)
 
 
 if __name__ == "__main__":
