@@ -1,11 +1,12 @@
 """9P2000.L: our server against diod, with the same client (ours), in one run.
 
-    python bench/bench_ninep.py [--mib 64] [--ops 2000] [--rounds 3] [--quick] [--json]
+    python bench/bench_ninep.py [--mib 64] [--ops 2000] [--rounds 3] [--busy-poll-us 500]
+                                [--quick] [--json]
 
-Both servers run as separate processes on loopback TCP (ours via
-``python -m sigpoll.ninep serve``, diod via ``diod -f -n -S -U root``) exporting the same
-temporary directory, so neither competes with the client for this process's GIL.  Both
-are asked for msize 65536 (diod's largest), so every Tread/Twrite carries the same
+Three servers run as separate processes on loopback TCP (ours via
+``python -m sigpoll.ninep serve``, ours again with ``--busy-poll-us`` as ``ours_poll``,
+diod via ``diod -f -n -S -U root``) exporting the same temporary directory, so none
+competes with the client for this process's GIL.  All are asked for msize 65536 (diod's largest), so every Tread/Twrite carries the same
 payload.  Workloads, each run ``--rounds`` times with the servers interleaved (median
 reported):
 
@@ -14,11 +15,11 @@ reported):
 - ``small ops``: ``--ops`` rounds of Twalk + Tgetattr + Tclunk on a file two levels deep,
   one round at a time (latency-bound), and the same with 16 rounds in flight.
 
-The table ends with ratios ours / diod (above 1: ours is faster), with the lowest and
-highest per-round ratio beside the median (the spread shows how noisy the machine was).
-A second table gives each server's CPU time per operation (user + system, all threads,
-read with ``clock_getcpuclockid`` on the server's pid), and the ratio diod / ours (above
-1: ours spends less): steadier than rates on a shared machine, since it does not count
+The table ends with ratios ours / diod and ours_poll / diod (above 1: ours is faster),
+each with the lowest and highest per-round ratio beside the median (the spread shows how
+noisy the machine was).  A second table gives each server's CPU time per operation (user +
+system, all threads, read with ``clock_getcpuclockid`` on the server's pid; a polling
+server's spinning counts), and the ratios diod / ours (above 1: ours spends less): steadier than rates on a shared machine, since it does not count
 the time a server waited for the CPU.  Nothing is asserted; the exit status is 0 unless
 the benchmark itself breaks.
 """
