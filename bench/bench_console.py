@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         reader = _compile(work, "reader", READER_C)
         writer = _compile(work, "writer", WRITER_C)
         contenders["c-loop"] = lambda: run_c_loop(nbytes, reader, writer)
-        sigpoll_loop = getattr(sigpoll, "new_event_loop", asyncio.new_event_loop)
-        contenders["sigpoll"] = lambda: _run_on_loop(sigpoll_loop, _console_writer, nbytes, reader)
+        contenders["sigpoll"] = lambda: _run_on_loop(sigpoll.new_event_loop, _console_writer, nbytes, reader)
         contenders["asyncio"] = lambda: _run_on_loop(asyncio.new_event_loop, _console_writer, nbytes, reader)
         try:
             import uvloop
@@ -189,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         "mb_per_s": mbps,
         "sigpoll_vs_c_loop": mbps["sigpoll"] / mbps["c-loop"],
         "sigpoll_vs_uvloop": mbps["sigpoll"] / mbps["uvloop"] if "uvloop" in mbps else None,
-        "sigpoll_loop": getattr(sigpoll, "new_event_loop", None) is not None,
     }
     if args.json:
         print(json.dumps(result))
@@ -199,8 +197,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:8s} {v:9.1f} MB/s   {v / mbps['c-loop']:.2f} of the C loop")
     if result["sigpoll_vs_uvloop"] is not None:
         print(f"  sigpoll / uvloop = {result['sigpoll_vs_uvloop']:.2f}")
-    if not result["sigpoll_loop"]:
-        print("  (sigpoll's loop is not available yet: 'sigpoll' ran the console on stock asyncio)")
     return 0
 
 

@@ -132,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     import sigpoll
 
     cli = cli_round_trip(args.boots)
-    factory = getattr(sigpoll, "new_event_loop", asyncio.new_event_loop)
-    loop = factory()
+    loop = sigpoll.new_event_loop()
     try:
         boots, console_mbps, nbytes = loop.run_until_complete(api_boot_and_console(args.boots, args.mib))
         port_up, port_down = loop.run_until_complete(virtio_port(args.port_mib))

@@ -20,11 +20,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import sigpoll  # noqa: E402
 from sigpoll import _uml  # noqa: E402
 from sigpoll import tty as stty  # noqa: E402
 from sigpoll.virtio import ConsoleDevice, VhostUserBackend, open_port  # noqa: E402
@@ -164,4 +164,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sigpoll.run(main())
