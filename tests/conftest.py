@@ -12,7 +12,8 @@ import sigpoll
 signal.pthread_sigmask(signal.SIG_BLOCK, {sigpoll.DEFAULT_SIGNAL, signal.SIGIO})
 
 import asyncio
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -20,15 +21,12 @@ LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
 def _loop_factories() -> list[tuple[str, LoopFactory]]:
-    """Every loop a test body runs on: stock asyncio always, sigpoll's when it exists.
+    """Every loop a test body runs on: stock asyncio and sigpoll's.
 
     One body, several loops (uvloop's way): any difference in behaviour shows up as a
     test that passes on one and fails on the other.
     """
-    factories: list[tuple[str, LoopFactory]] = [("asyncio", asyncio.new_event_loop)]
-    if hasattr(sigpoll, "new_event_loop"):
-        factories.append(("sigpoll", sigpoll.new_event_loop))
-    return factories
+    return [("asyncio", asyncio.new_event_loop), ("sigpoll", sigpoll.new_event_loop)]
 
 
 @pytest.fixture(params=[name for name, _ in _loop_factories()])
@@ -49,3 +47,15 @@ def run(loop_factory: LoopFactory) -> Callable[..., object]:
             loop.close()
 
     return runner
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    """(read end, write end) of a pipe, closed afterwards unless the test closed them."""
+    r, w = os.pipe()
+    yield r, w
+    for fd in (r, w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -11,7 +11,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -19,15 +19,23 @@ import sigpoll
 from sigpoll import READABLE, Poller
 
 
+Polling = Callable[[float], Poller]
+
+
 @pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
-    r, w = os.pipe()
-    yield r, w
-    for fd in (r, w):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+def polling(pipe: tuple[int, int]) -> Iterator[Callable[[float], Poller]]:
+    """polling(ceiling_us): a poller watching the read end of ``pipe``, closed afterwards."""
+    made: list[Poller] = []
+
+    def make(ceiling_us: float) -> Poller:
+        p = Poller(busy_poll_us=ceiling_us)
+        made.append(p)
+        p.register(pipe[0], READABLE)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
 
 
 def ping(poller: Poller, r: int, w: int, times: int, gap: float) -> None:
@@ -52,12 +60,10 @@ def test_bad_ceiling_is_refused(bad: object) -> None:
     with pytest.raises(ValueError, match="busy_poll_us"):
         Poller(busy_poll_us=bad)  # type: ignore[arg-type]
     p = Poller()
-    try:
-        with pytest.raises(ValueError, match="busy_poll_us"):
-            p.busy_poll_us = bad  # type: ignore[assignment]
-        assert p.busy_poll_us == 0  # unchanged
-    finally:
-        p.close()
+    with pytest.raises(ValueError, match="busy_poll_us"):
+        p.busy_poll_us = bad  # type: ignore[assignment]
+    assert p.busy_poll_us == 0  # unchanged
+    p.close()
 
 
 def test_naive_mode_cannot_busy_poll() -> None:
@@ -65,60 +71,40 @@ def test_naive_mode_cannot_busy_poll() -> None:
         Poller(mode="naive", busy_poll_us=10)
 
 
-def test_off_by_default_and_settable(pipe: tuple[int, int]) -> None:
-    r, w = pipe
-    p = Poller()
-    try:
-        assert p.busy_poll_us == 0
-        p.register(r, READABLE)
-        ping(p, r, w, 20, 0.001)
-        assert p.counters.polled == 0
-        p.busy_poll_us = 250.5
-        assert p.busy_poll_us == 250.5
-    finally:
-        p.close()
+def test_off_by_default_and_settable(pipe: tuple[int, int], polling: Polling) -> None:
+    p = polling(0)
+    ping(p, *pipe, 20, 0.001)
+    assert p.counters.polled == 0
+    p.busy_poll_us = 250.5
+    assert p.busy_poll_us == 250.5
+    assert Poller().busy_poll_us == 0
 
 
-def test_quick_replies_are_seen_without_sleeping(pipe: tuple[int, int]) -> None:
-    r, w = pipe
+def test_quick_replies_are_seen_without_sleeping(pipe: tuple[int, int], polling: Polling) -> None:
     # A ceiling far above the 2 ms gap: the budget grows past the gap within a dozen
     # waits, after which the waits are answered while polling.
-    p = Poller(busy_poll_us=200_000)
-    try:
-        p.register(r, READABLE)
-        ping(p, r, w, 40, 0.002)
-        assert p.counters.polled >= 10, p.counters
-    finally:
-        p.close()
+    p = polling(200_000)
+    ping(p, *pipe, 40, 0.002)
+    assert p.counters.polled >= 10, p.counters
 
 
-def test_slow_peers_and_idle_pollers_sleep(pipe: tuple[int, int]) -> None:
-    r, w = pipe
+def test_slow_peers_and_idle_pollers_sleep(pipe: tuple[int, int], polling: Polling) -> None:
     # Gaps of 20 ms against a 1 ms ceiling: the budget never grows, nothing is polled.
-    p = Poller(busy_poll_us=1000)
-    try:
-        p.register(r, READABLE)
-        ping(p, r, w, 5, 0.02)
-        assert p.counters.polled == 0
-        # And a wait with nothing to come sleeps: it costs next to no CPU.
-        cpu = time.thread_time()
-        assert p.wait(0.3) == []
-        assert time.thread_time() - cpu < 0.1
-    finally:
-        p.close()
+    p = polling(1000)
+    ping(p, *pipe, 5, 0.02)
+    assert p.counters.polled == 0
+    # And a wait with nothing to come sleeps: it costs next to no CPU.
+    cpu = time.thread_time()
+    assert p.wait(0.3) == []
+    assert time.thread_time() - cpu < 0.1
 
 
-def test_timeout_bounds_the_polling(pipe: tuple[int, int]) -> None:
-    r, w = pipe
-    p = Poller(busy_poll_us=1_000_000)
-    try:
-        p.register(r, READABLE)
-        ping(p, r, w, 30, 0.005)  # the budget is now well above 50 ms
-        t0 = time.monotonic()
-        assert p.wait(0.05) == []
-        assert time.monotonic() - t0 < 0.5
-    finally:
-        p.close()
+def test_timeout_bounds_the_polling(pipe: tuple[int, int], polling: Polling) -> None:
+    p = polling(1_000_000)
+    ping(p, *pipe, 30, 0.005)  # the budget is now well above 50 ms
+    t0 = time.monotonic()
+    assert p.wait(0.05) == []
+    assert time.monotonic() - t0 < 0.5
 
 
 def test_loop_takes_and_changes_the_ceiling() -> None:

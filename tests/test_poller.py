@@ -70,17 +70,6 @@ def pty_pair() -> Iterator[tuple[int, int]]:
     os.close(slave)
 
 
-@pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
-    r, w = os.pipe()
-    yield r, w
-    for fd in (r, w):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 # -- registration -------------------------------------------------------------------------
 
 

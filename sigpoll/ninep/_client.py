@@ -256,7 +256,7 @@ class Client:
             self._lost(c.ProtocolError(
                 f"server sent an unusable frame ({exc}; negotiated msize {self.msize})"))
             if self._transport is not None:
-                self._transport.abort()  # type: ignore[attr-defined]
+                self._transport.abort()
             return
         for frame in frames:
             self._reply_frame(frame)
@@ -531,7 +531,8 @@ class Client:
             r = await self.rpc(c.Tmkdir(fid, name, mode, 0))
         finally:
             await self.clunk(fid)
-        return r.qid
+        qid: Qid = r.qid
+        return qid
 
     async def unlink(self, path: str, *, directory: bool = False) -> None:
         *parent, name = self._split(path)
@@ -621,7 +622,8 @@ class File:
 
     async def pread(self, size: int, offset: int) -> bytes:
         r = await self.client.rpc(c.Tread(self.fid, offset, min(size, self.iounit)))
-        return r.data
+        data: bytes = r.data
+        return data
 
     async def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes (all to EOF when negative)."""
@@ -637,7 +639,8 @@ class File:
 
     async def pwrite(self, data: bytes, offset: int) -> int:
         r = await self.client.rpc(c.Twrite(self.fid, offset, data[:self.iounit]))
-        return r.count
+        count: int = r.count
+        return count
 
     async def write(self, data: bytes) -> int:
         view = memoryview(data)

@@ -186,7 +186,7 @@ class Message:
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return self.tag == other.tag and all(  # type: ignore[attr-defined]
+        return self.tag == other.tag and all(
             getattr(self, f) == getattr(other, f) for f in self.FIELDS
         )
 

@@ -161,7 +161,8 @@ def _quick_decode(frame: bytes | memoryview) -> Message | None:
     else:
         return None
     m.tag = tag
-    return m
+    out: Message = m  # m is Any (see _new): type the result without a call (no cast)
+    return out
 
 
 def _new(cls: type[Message]) -> Any:
@@ -850,7 +851,11 @@ class _Connection(asyncio.Protocol):
         self.pending[msg.tag] = req
         self._running += 1
         req.task = self._loop.create_task(self._run(req, handler))
-        req.task.add_done_callback(lambda task, req=req: self._cancelled_unstarted(req))
+
+        def cancelled_unstarted(task: asyncio.Task[None], req: Request = req) -> None:
+            self._cancelled_unstarted(req)
+
+        req.task.add_done_callback(cancelled_unstarted)
 
     def _run_fast(self, fast: _Fast, msg: Message) -> _Reply | _Defer | None:
         try:

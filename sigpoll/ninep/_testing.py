@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from . import _codec as c
 from ._codec import Message
@@ -108,7 +108,8 @@ class RawClient:
         assert rv.version == c.VERSION_9P2000L, rv
         ra = await self.rpc(c.Tattach(fid, c.NOFID, "root", aname, 0, tag=1))
         assert ra.TYPE == 105, ra
-        return ra.qid
+        qid: c.Qid = ra.qid
+        return qid
 
     async def at_eof(self, timeout: float = 5.0) -> bool:
         try:
@@ -185,6 +186,9 @@ class DiodProcess:
 async def serve_tcp(export: Any, **kw: Any) -> tuple[NinepServer, int]:
     """A :class:`NinepServer` for ``export`` listening on a free loopback port: (server, port)."""
     server = NinepServer(str(export), **kw)
-    srv = await server.start_tcp("127.0.0.1", 0)
-    return server, srv.sockets[0].getsockname()[1]
+    # start_tcp promises only an AbstractServer; every loop's create_server (asyncio's,
+    # uvloop's) returns a Server, which has the listening sockets.
+    srv = cast(asyncio.Server, await server.start_tcp("127.0.0.1", 0))
+    port: int = srv.sockets[0].getsockname()[1]
+    return server, port
 

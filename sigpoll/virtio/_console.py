@@ -559,7 +559,7 @@ class PortTransport(FlowControlledTransport):
             return
         self.bytes_read += len(data)
         try:
-            self._protocol.data_received(data)  # type: ignore[attr-defined]
+            self._protocol.data_received(data)
         except Exception as exc:
             # A failing protocol ends its own transport, as asyncio's transports do; the
             # device, its other ports and the guest's session carry on.
@@ -617,7 +617,7 @@ class PortTransport(FlowControlledTransport):
         if self._lost:
             return
         with contextlib.suppress(AttributeError):
-            self._protocol.eof_received()  # type: ignore[attr-defined]
+            self._protocol.eof_received()
         self._force_close(None)
 
     def _detach(self) -> None:

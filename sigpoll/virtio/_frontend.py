@@ -192,7 +192,8 @@ class Frontend:
         """GET_VRING_BASE: the backend stops the ring and tells where it stopped."""
         payload = self.send(Request.GET_VRING_BASE, encode_vring_state(index, 0), reply=True)
         assert payload is not None
-        return struct.unpack("<II", payload)[1]
+        num: int = struct.unpack("<II", payload)[1]
+        return num
 
     def kick(self, index: int) -> None:
         os.eventfd_write(self.rings[index].kick, 1)
