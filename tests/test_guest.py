@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from sigpoll import _uml
-from sigpoll.guest import BootError, Guest
+from sigpoll.guest import BootError, Guest, GuestError
 from sigpoll.stress import xxd
 
 try:
@@ -79,6 +79,16 @@ def test_api_runs_commands_and_cleans_up_everything(run: Any) -> None:
             assert (r2.status, r2.output) == (0, b"a b|c'd|")
             r3 = await g.run("cat /proc/self/status | grep -c ^Pid")
             assert r3.output == b"1\n"
+            # A file in the host's /tmp, which the guest's own tmpfs hides: copy_in makes
+            # it readable (the soak's worker and the 9P relay travel this way).
+            with tempfile.NamedTemporaryFile("w", dir="/tmp", suffix=".txt") as f:
+                f.write("from the host's /tmp\n")
+                f.flush()
+                assert (await g.run(["cat", f.name])).status != 0
+                r4 = await g.run(["cat", g.copy_in(f.name)])
+                assert (r4.status, r4.output) == (0, b"from the host's /tmp\n")
+        with pytest.raises(GuestError, match="not running"):
+            g.copy_in(__file__)
         return pid, tmp
 
     pid, tmp = run(main(), timeout=180)

@@ -159,14 +159,14 @@ NINEP_INIT = textwrap.dedent(
     done
     exec </dev/hvc0 >/dev/hvc0 2>&1
     stty -echo -onlcr
-    mount -t tmpfs tmpfs /tmp && mkdir /tmp/m
+    mount -t tmpfs tmpfs /mnt && mkdir /mnt/m  # not over /tmp: a checkout there holds the relay
     {mount}; echo "@@MOUNT $?@@"
-    echo "@@READ $(sha256sum < /tmp/m/in.bin | cut -d' ' -f1)@@"
-    cat /tmp/m/in.bin > /tmp/m/sub/out.bin; echo "@@WROTE $?@@"
-    umount /tmp/m; echo "@@UMOUNT $?@@"
+    echo "@@READ $(sha256sum < /mnt/m/in.bin | cut -d' ' -f1)@@"
+    cat /mnt/m/in.bin > /mnt/m/sub/out.bin; echo "@@WROTE $?@@"
+    umount /mnt/m; echo "@@UMOUNT $?@@"
     {mount}; echo "@@MOUNT2 $?@@"
-    echo "@@LS $(ls /tmp/m/sub)@@"
-    umount /tmp/m
+    echo "@@LS $(ls /mnt/m/sub)@@"
+    umount /mnt/m
     sleep 0.5
     echo "@@RELAYS $(ps ax -o args | grep -c '^[^ ]*python[^ ]* -I -S .*_fd_relay')@@"
     echo o > /proc/sysrq-trigger
@@ -181,7 +181,7 @@ def test_uml_guest_mounts_9p_over_a_port(run: Any, tmp_path: Any) -> None:
     data = os.urandom(3 * 1024 * 1024 + 123)  # far past the 4 KiB a serial line hangs on
     (export / "in.bin").write_bytes(data)
     init = tmp_path / "init.sh"
-    mount = shlex.join(ninep_mount_command("/dev/vport0p1", "/tmp/m", msize=256 * 1024))
+    mount = shlex.join(ninep_mount_command("/dev/vport0p1", "/mnt/m", msize=256 * 1024))
     init.write_text(NINEP_INIT.format(module=_VIRTIO_CONSOLE, modules=_MODULES, mount=mount))
     init.chmod(0o755)
     sock = str(tmp_path / "vu.sock")

@@ -175,6 +175,23 @@ class Guest:
         """The private directory holding the guest's memory file and init script."""
         return self._tmp
 
+    def copy_in(self, path: str | os.PathLike[str]) -> str:
+        """Copy host file ``path`` where the guest can read it; return the guest's path.
+
+        The guest sees the host's root, but not every host path: a guest with a read-only
+        root puts its own tmpfs over /tmp, hiding the host's /tmp (and a project checked
+        out there).  The copy goes into the guest's private directory, which the guest
+        sees at /run/sigpoll whatever covers /tmp.  Call it once the guest has started
+        (or from a boot step); the copy lives as long as the guest.
+        """
+        if self._tmp is None:
+            raise GuestError("the guest is not running")
+        files = os.path.join(self._tmp, "files")
+        os.makedirs(files, exist_ok=True)
+        name = os.path.basename(os.fspath(path))
+        shutil.copyfile(path, os.path.join(files, name))
+        return f"{GUEST_DIR}/files/{name}"
+
     async def start(self) -> None:
         """Boot the guest and wait until its init is ready for commands."""
         if self._proc is not None:
@@ -239,7 +256,9 @@ class Guest:
         share_tags = [tag for _, tag in self.shares] if self.share_via == "virtio" else []
         if not self.ports and not share_tags:
             return [], []
-        from ..virtio import ConsoleDevice, PortSocket, VhostUserBackend, ninep_mount_command, serve_ninep
+        from ..virtio import (
+            RELAY_SCRIPT, ConsoleDevice, PortSocket, VhostUserBackend, ninep_mount_command, serve_ninep,
+        )
 
         modules = _uml.modules_dir()
         if modules is None or not os.path.exists(os.path.join(modules, "kernel/drivers/char/virtio_console.ko")):
@@ -267,11 +286,13 @@ class Guest:
             from ..ninep import NinepServer
 
             mounts = []
+            relay = self.copy_in(RELAY_SCRIPT)
             for port, (path, tag) in zip(device.ports[1 + len(names):], self.shares):
                 server = NinepServer(path, msize=SHARE_MSIZE)
                 self._servers.append(server)
                 self._virtio_tasks.append(asyncio.ensure_future(serve_ninep(port, server)))
-                argv = ninep_mount_command(f"{PORTS_DIR}/{port.name}", f"/mnt/{tag}", msize=SHARE_MSIZE)
+                argv = ninep_mount_command(f"{PORTS_DIR}/{port.name}", f"/mnt/{tag}", msize=SHARE_MSIZE,
+                                           relay=relay)
                 mounts.append((tag, shlex.join(argv)))
                 self._status(f"share {path} -> /mnt/{tag} (9P over a virtio port)")
             setup += share_mount_lines(modules, mounts)

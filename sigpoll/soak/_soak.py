@@ -314,7 +314,7 @@ async def soak(
             port_task = asyncio.ensure_future(
                 _port_traffic(reader, writer, streams["port guest->host"], stop_port)
             )
-            worker = os.path.abspath(_worker.__file__)
+            worker = guest.copy_in(_worker.__file__)  # the guest may not see the host's /tmp
             try:
                 result = await guest.run(
                     ["python3", worker, str(seconds), "/mnt/soak", "/dev/virtio-ports/soak"],

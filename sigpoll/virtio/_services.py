@@ -189,18 +189,21 @@ async def serve_ninep(port: ConsolePort, server: Any, *, peer: str | None = None
 
 
 def ninep_mount_command(device: str, mountpoint: str, *, msize: int = 512 * 1024,
-                        options: str = "access=any,cache=none", python: str | None = None) -> list[str]:
+                        options: str = "access=any,cache=none", python: str | None = None,
+                        relay: str = RELAY_SCRIPT) -> list[str]:
     """The guest's argv that mounts the 9P server on port ``device`` at ``mountpoint``.
 
     ``device`` is the port in the guest (``/dev/vport0p1`` or ``/dev/virtio-ports/NAME``).
     It runs the relay with the host's Python (``python``, default the running interpreter,
     which the guest sees through the host's root file system) and ``mount -t 9p`` with
-    ``trans=fd`` on the relay's socket.  Its exit status is mount's.
+    ``trans=fd`` on the relay's socket.  Its exit status is mount's.  ``relay`` is the
+    path at which the guest sees :data:`RELAY_SCRIPT` (the same path by default; a guest
+    that hides the host's /tmp needs a copy elsewhere, see ``Guest.copy_in``).
     """
     fd = 3
     opts = f"trans=fd,rfdno={fd},wfdno={fd},version=9p2000.L,msize={msize}"
     if options:
         opts += "," + options
     interpreter = python or os.path.realpath(sys.executable)
-    return [interpreter, "-I", "-S", RELAY_SCRIPT, device, str(fd), "--",
+    return [interpreter, "-I", "-S", relay, device, str(fd), "--",
             "mount", "-t", "9p", "-o", opts, "none", mountpoint]
