@@ -256,9 +256,8 @@ class Guest:
         share_tags = [tag for _, tag in self.shares] if self.share_via == "virtio" else []
         if not self.ports and not share_tags:
             return [], []
-        from ..virtio import (
-            RELAY_SCRIPT, ConsoleDevice, PortSocket, VhostUserBackend, ninep_mount_command, serve_ninep,
-        )
+        from ..virtio import ConsoleDevice, PortSocket, VhostUserBackend, ninep_mount_command, serve_ninep
+        from ..virtio._services import RELAY_SCRIPT
 
         modules = _uml.modules_dir()
         if modules is None or not os.path.exists(os.path.join(modules, "kernel/drivers/char/virtio_console.ko")):
