@@ -208,3 +208,24 @@ def test_cli_port_option_shows_the_socket_and_removes_it(tmp_path: Any) -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert bad.returncode == 2 and "port name" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("via", ["net", "virtio"])
+def test_share_both_ways(run: Any, tmp_path: Any, via: str) -> None:
+    if via == "net" and os.geteuid() != 0:
+        pytest.skip("a share over the private network needs root (a network namespace)")
+    export = tmp_path / "export"
+    export.mkdir()
+    down = os.urandom(3 * 1024 * 1024 + 17)  # many msize-sized messages, and a short one
+    (export / "down.bin").write_bytes(down)
+
+    async def main() -> None:
+        async with Guest(shares=[f"{export}:data"], share_via=via) as g:
+            r = await g.run("sha256sum < /mnt/data/down.bin && "
+                            "head -c 2000000 /dev/urandom > /mnt/data/up.bin && sha256sum < /mnt/data/up.bin")
+            assert r.status == 0, r.output
+            sums = [line.split()[0].decode() for line in r.output.splitlines()]
+            assert sums[0] == hashlib.sha256(down).hexdigest()
+            assert sums[1] == hashlib.sha256((export / "up.bin").read_bytes()).hexdigest()
+
+    run(main(), timeout=180)
