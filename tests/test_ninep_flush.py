@@ -272,6 +272,31 @@ def test_client_keeps_tag_until_rflush_and_honours_late_reply(run, export: Path)
 
 
 
+def test_client_cancel_after_the_reply_arrived_returns_it(run, export: Path) -> None:
+    """The reply is in, the task has not run yet, and then it is cancelled: the server did
+    the work, so the reply is returned (no Tflush: there is nothing left to flush)."""
+    async def body() -> None:
+        server, port, hook = await _start(export)
+        client = await Client.connect_tcp("127.0.0.1", port)
+        tag = client._free_tags[-1]
+        hook.hold(tag, "after")
+        task = asyncio.ensure_future(client.rpc(c.Twalk(0, 78, ["file"])))
+        await hook.reached(tag, "after")
+        slot = client._slots[tag]
+        assert slot.future is not None
+        # Runs right after the reply is published, before the task's own wake-up.
+        slot.future.add_done_callback(lambda _: task.cancel())
+        hook.release(tag, "after")
+        reply = await task
+        assert reply.TYPE == 111 and len(reply.wqids) == 1
+        assert hook.cancelled == [] and not client._slots
+        await client.rpc(c.Tclunk(78))  # newfid 78 exists: the walk took effect
+        await client.close()
+        await server.close()
+
+    run(body())
+
+
 def test_client_cancel_against_diod(run, export: Path) -> None:
     """diod is stopped (SIGSTOP) while a request and then its Tflush are sent; once it
     runs again, whichever outcome flush(5) allows must come out right: no reply and
@@ -290,28 +315,31 @@ def test_client_cancel_against_diod(run, export: Path) -> None:
                                               msize=65536)
             for i in range(6):
                 os.kill(diod.proc.pid, signal.SIGSTOP)
+                # Only the stop window is inside try: any further request waits until
+                # diod runs again (a request sent to a stopped diod would never return).
                 try:
                     task = asyncio.ensure_future(client.rpc(c.Twalk(0, 50 + i, ["file"])))
                     # The Twalk is out (or, if the stop took hold late, already answered:
                     # then there is nothing left to flush this round).
                     await until(lambda: len(client._slots) == 1 or task.done())
-                    if task.done():
-                        outcomes.add("replied before the stop")
-                        await client.rpc(c.Tclunk(50 + i))
-                        continue
-                    task.cancel()
-                    # Waiting on a loaded machine, not sleeping a fixed time: the Tflush
-                    # goes out on the next loop iteration, whenever that comes.
-                    await until(lambda: len(client._slots) == 2)
-                    assert not task.done()  # waiting for the Rflush, tag still held
+                    flushed = False
+                    if not task.done():
+                        task.cancel()
+                        # Waiting on a loaded machine, not sleeping a fixed time: the
+                        # Tflush goes out on the next loop iteration, whenever that comes
+                        # -- unless the reply slipped in before the cancellation took
+                        # hold, when there is nothing to flush and the reply is returned.
+                        await until(lambda: len(client._slots) == 2 or task.done())
+                        flushed = not task.done()  # if so, the tag is held for the Rflush
                 finally:
                     os.kill(diod.proc.pid, signal.SIGCONT)
                 try:
                     reply = await asyncio.wait_for(task, 10)
                     assert reply.TYPE == 111
-                    outcomes.add("replied")
+                    outcomes.add("replied" if flushed else "replied, nothing to flush")
                     await asyncio.wait_for(client.rpc(c.Tclunk(50 + i)), 15)  # the walk took effect
                 except asyncio.CancelledError:
+                    assert flushed
                     outcomes.add("aborted")
                 assert not client._slots  # both tags released after the Rflush
             st = await asyncio.wait_for(client.stat("file"), 15)

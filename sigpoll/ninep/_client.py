@@ -417,11 +417,11 @@ class Client:
         try:
             await asyncio.shield(slot.future)
         except asyncio.CancelledError:
+            if not slot.event.is_set():
+                await self._flush(slot)
             if slot.event.is_set():
-                raise
-            await self._flush(slot)
-            if slot.event.is_set():
-                # Answered before the Rflush: the request took effect; honour it.
+                # Answered before the cancellation took hold or before the Rflush: the
+                # request took effect; honour it.
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
