@@ -35,6 +35,18 @@ async def _start(export: Path, **kw: object) -> tuple[NinepServer, int, HoldHook
     return server, srv.sockets[0].getsockname()[1], hook
 
 
+async def _walk_held_after(export: Path, newfid: int) -> tuple[
+        NinepServer, Client, HoldHook, int, asyncio.Future[c.Message]]:
+    """A client's Twalk to ``newfid``, done on the server and held before its reply."""
+    server, port, hook = await _start(export)
+    client = await Client.connect_tcp("127.0.0.1", port)
+    tag = client._free_tags[-1]  # the tag the next request will get
+    hook.hold(tag, "after")
+    task = asyncio.ensure_future(client.rpc(c.Twalk(0, newfid, ["file"])))
+    await hook.reached(tag, "after")
+    return server, client, hook, tag, task
+
+
 async def _raw(port: int) -> RawClient:
     raw = await RawClient.connect("127.0.0.1", port)
     await raw.handshake()
@@ -243,12 +255,7 @@ def test_client_cancel_sends_flush_and_raises(run, export: Path) -> None:
 
 def test_client_keeps_tag_until_rflush_and_honours_late_reply(run, export: Path) -> None:
     async def body() -> None:
-        server, port, hook = await _start(export)
-        client = await Client.connect_tcp("127.0.0.1", port)
-        tag = client._free_tags[-1]
-        hook.hold(tag, "after")
-        task = asyncio.ensure_future(client.rpc(c.Twalk(0, 77, ["file"])))
-        await hook.reached(tag, "after")
+        server, client, hook, tag, task = await _walk_held_after(export, 77)
         task.cancel()
         await asyncio.sleep(0.05)  # the Tflush is out; its Rflush waits for the reply
         assert not task.done()
@@ -270,18 +277,11 @@ def test_client_keeps_tag_until_rflush_and_honours_late_reply(run, export: Path)
     run(body())
 
 
-
-
 def test_client_cancel_after_the_reply_arrived_returns_it(run, export: Path) -> None:
     """The reply is in, the task has not run yet, and then it is cancelled: the server did
     the work, so the reply is returned (no Tflush: there is nothing left to flush)."""
     async def body() -> None:
-        server, port, hook = await _start(export)
-        client = await Client.connect_tcp("127.0.0.1", port)
-        tag = client._free_tags[-1]
-        hook.hold(tag, "after")
-        task = asyncio.ensure_future(client.rpc(c.Twalk(0, 78, ["file"])))
-        await hook.reached(tag, "after")
+        server, client, hook, tag, task = await _walk_held_after(export, 78)
         slot = client._slots[tag]
         assert slot.future is not None
         # Runs right after the reply is published, before the task's own wake-up.
