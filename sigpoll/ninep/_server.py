@@ -694,11 +694,20 @@ class _Connection(asyncio.Protocol):
 
     def _pause_reading(self) -> None:
         if not self._read_paused and self.transport is not None and not self.lost:
-            self._read_paused = True
-            try:
-                self.transport.pause_reading()  # type: ignore[attr-defined]
-            except (AttributeError, NotImplementedError, RuntimeError):
-                pass
+            self._set_reading(False)
+
+    def _set_reading(self, on: bool) -> None:
+        # A transport without read flow control (or one already closing) simply keeps
+        # reading; the limits then only hold back dispatch, through the backlog.
+        self._read_paused = not on
+        transport: Any = self.transport
+        try:
+            if on:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+        except (AttributeError, NotImplementedError, RuntimeError):
+            pass
 
     def _resume(self) -> None:
         """Dispatch the backlog while under the limits; read again once it is empty."""
@@ -714,11 +723,7 @@ class _Connection(asyncio.Protocol):
                 self._batching = False
             self._flush_out()
         if not self._backlog and self._read_paused and not self._over_limit():
-            self._read_paused = False
-            try:
-                self.transport.resume_reading()  # type: ignore[union-attr]
-            except (AttributeError, NotImplementedError, RuntimeError):
-                pass
+            self._set_reading(True)
 
     def pause_writing(self) -> None:
         # The peer is not reading its replies: take no new work until it does.
