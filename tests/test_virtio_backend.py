@@ -22,6 +22,7 @@ from sigpoll._testing import until
 
 from sigpoll.virtio import ConsoleDevice, ControlEvent, ResizeOrder, VhostUserBackend, open_port
 from sigpoll.virtio._frontend import Frontend
+from sigpoll.virtio._testing import Collect, serving
 from sigpoll.virtio._vhost_user import (
     HEADER,
     MemoryRegion,
@@ -33,40 +34,6 @@ from sigpoll.virtio._vhost_user import (
 )
 
 RACE_ROUNDS = int(os.environ.get("SIGPOLL_VIRTIO_RACE_ROUNDS", "2000"))
-
-
-class Collect(asyncio.Protocol):
-    """Host-side protocol that keeps everything it receives."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.eof = False
-        self.lost = asyncio.get_event_loop().create_future()
-        self.paused = 0
-        self.resumed = 0
-        self.transport: Any = None
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return False
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(exc)
-
-    def pause_writing(self) -> None:
-        self.paused += 1
-
-    def resume_writing(self) -> None:
-        self.resumed += 1
-
-
 
 
 def _sock_path(tmp_path: Any) -> str:
@@ -90,47 +57,43 @@ def test_kick_around_enable_is_never_lost(run: Any, tmp_path: Any, reply_ack: bo
 
     async def main() -> None:
         device = ConsoleDevice()
-        backend = VhostUserBackend(device, reply_ack=reply_ack)
-        backend.listen(path)
-        server = asyncio.ensure_future(backend.serve())
-        proto = Collect()
-        device.ports[0].connect(lambda: proto)
-        expected = bytearray()
+        async with serving(VhostUserBackend(device, reply_ack=reply_ack), path) as backend:
+            proto = Collect()
+            device.ports[0].connect(lambda: proto)
+            expected = bytearray()
 
-        def frontend() -> None:
-            fe = _start_console_frontend(path, reply_ack)
-            assert fe.reply_ack == reply_ack
-            for i in (0, 1):
-                fe.set_kick(i)
-                fe.enable(i)
-            keep = fe._brk
-            for n in range(RACE_ROUNDS):
-                fe.enable(1, False)
-                base = fe.stop(1)  # GET_VRING_BASE: ring stopped, kick fd dropped
-                fe.restart_ring(1, base)
-                fe.reset_allocator(keep)
-                payload = b"request %d;" % n
-                expected.extend(payload)
-                fe.add(1, out=payload)
-                fe.set_kick(1)
-                if order == "enable-then-kick":
-                    fe.enable(1)
-                    fe.kick(1)
-                elif order == "kick-then-enable":
-                    fe.kick(1)  # the guest kicks while the ring is still disabled
-                    fe.enable(1)
-                else:
-                    fe.enable(1)  # the buffer was there; no kick at all
-                used = fe.wait_used(1, 1, timeout=5)
-                assert used[0][1] == 0
-            fe.close()
+            def frontend() -> None:
+                fe = _start_console_frontend(path, reply_ack)
+                assert fe.reply_ack == reply_ack
+                for i in (0, 1):
+                    fe.set_kick(i)
+                    fe.enable(i)
+                keep = fe._brk
+                for n in range(RACE_ROUNDS):
+                    fe.enable(1, False)
+                    base = fe.stop(1)  # GET_VRING_BASE: ring stopped, kick fd dropped
+                    fe.restart_ring(1, base)
+                    fe.reset_allocator(keep)
+                    payload = b"request %d;" % n
+                    expected.extend(payload)
+                    fe.add(1, out=payload)
+                    fe.set_kick(1)
+                    if order == "enable-then-kick":
+                        fe.enable(1)
+                        fe.kick(1)
+                    elif order == "kick-then-enable":
+                        fe.kick(1)  # the guest kicks while the ring is still disabled
+                        fe.enable(1)
+                    else:
+                        fe.enable(1)  # the buffer was there; no kick at all
+                    used = fe.wait_used(1, 1, timeout=5)
+                    assert used[0][1] == 0
+                fe.close()
 
-        await asyncio.to_thread(frontend)
-        await until(lambda: len(proto.data) >= len(expected))
-        assert bytes(proto.data) == bytes(expected)
-        assert not backend.dropped
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+            await asyncio.to_thread(frontend)
+            await until(lambda: len(proto.data) >= len(expected))
+            assert bytes(proto.data) == bytes(expected)
+            assert not backend.dropped
 
     run(main(), timeout=120)
 
@@ -143,33 +106,29 @@ def test_fresh_frontends_one_after_another(run: Any, tmp_path: Any, reply_ack: b
 
     async def main() -> None:
         device = ConsoleDevice()
-        backend = VhostUserBackend(device, reply_ack=reply_ack)
-        backend.listen(path)
-        server = asyncio.ensure_future(backend.serve())
-        got: list[bytes] = []
+        async with serving(VhostUserBackend(device, reply_ack=reply_ack), path) as backend:
+            got: list[bytes] = []
 
-        for n in range(boots):
-            proto = Collect()
-            device.ports[0].connect(lambda: proto)
+            for n in range(boots):
+                proto = Collect()
+                device.ports[0].connect(lambda: proto)
 
-            def frontend(n: int = n) -> None:
-                fe = _start_console_frontend(path, reply_ack)
-                fe.set_kick(0)
-                fe.enable(0)
-                fe.add(1, out=b"boot %d" % n)
-                fe.set_kick(1)
-                fe.enable(1)
-                fe.kick(1)
-                fe.wait_used(1, 1)
-                fe.close()
+                def frontend(n: int = n) -> None:
+                    fe = _start_console_frontend(path, reply_ack)
+                    fe.set_kick(0)
+                    fe.enable(0)
+                    fe.add(1, out=b"boot %d" % n)
+                    fe.set_kick(1)
+                    fe.enable(1)
+                    fe.kick(1)
+                    fe.wait_used(1, 1)
+                    fe.close()
 
-            await asyncio.to_thread(frontend)
-            await asyncio.wait_for(proto.lost, 10)  # frontend gone: the port hangs up
-            got.append(bytes(proto.data))
-        assert got == [b"boot %d" % n for n in range(boots)]
-        assert backend.sessions == boots and not backend.dropped
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+                await asyncio.to_thread(frontend)
+                await asyncio.wait_for(proto.lost, 10)  # frontend gone: the port hangs up
+                got.append(bytes(proto.data))
+            assert got == [b"boot %d" % n for n in range(boots)]
+            assert backend.sessions == boots and not backend.dropped
 
     run(main(), timeout=120)
 
@@ -182,48 +141,44 @@ def test_host_writes_of_any_size_arrive_whole(run: Any, tmp_path: Any) -> None:
 
     async def main() -> None:
         device = ConsoleDevice()
-        backend = VhostUserBackend(device)
-        backend.listen(path)
-        server = asyncio.ensure_future(backend.serve())
-        proto = Collect()
-        transport, _ = device.ports[0].connect(lambda: proto)
-        transport.set_write_buffer_limits(high=32768)
-        data = os.urandom(total)
-        received = bytearray()
+        async with serving(VhostUserBackend(device), path):
+            proto = Collect()
+            transport, _ = device.ports[0].connect(lambda: proto)
+            transport.set_write_buffer_limits(high=32768)
+            data = os.urandom(total)
+            received = bytearray()
 
-        def frontend() -> None:
-            fe = _start_console_frontend(path, True)
-            for i in (0, 1):
-                fe.set_kick(i)
-                fe.enable(i)
-            keep = fe._brk
-            for _ in range(32):
-                fe.add(0, in_len=1000)  # deliberately not a page
-            fe.kick(0)
-            while len(received) < total:
-                used = fe.wait_used(0, 1)
-                for _, length, chunk in used:
-                    assert length == len(chunk) <= 1000
-                    received.extend(chunk)
-                if len(fe.rings[0].free) == 64:
-                    fe.reset_allocator(keep)
-                for _ in used:
-                    fe.add(0, in_len=1000)
+            def frontend() -> None:
+                fe = _start_console_frontend(path, True)
+                for i in (0, 1):
+                    fe.set_kick(i)
+                    fe.enable(i)
+                keep = fe._brk
+                for _ in range(32):
+                    fe.add(0, in_len=1000)  # deliberately not a page
                 fe.kick(0)
-            fe.close()
+                while len(received) < total:
+                    used = fe.wait_used(0, 1)
+                    for _, length, chunk in used:
+                        assert length == len(chunk) <= 1000
+                        received.extend(chunk)
+                    if len(fe.rings[0].free) == 64:
+                        fe.reset_allocator(keep)
+                    for _ in used:
+                        fe.add(0, in_len=1000)
+                    fe.kick(0)
+                fe.close()
 
-        thread = asyncio.ensure_future(asyncio.to_thread(frontend))
-        await device.ports[0].wait_guest_open()
-        pos = 0
-        for s in sizes:
-            transport.write(data[pos : pos + s])
-            pos += s
-        await thread
-        assert bytes(received) == data
-        assert transport.bytes_written == total
-        assert proto.paused >= 1 and proto.resumed >= 1  # flow control both ways round
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+            thread = asyncio.ensure_future(asyncio.to_thread(frontend))
+            await device.ports[0].wait_guest_open()
+            pos = 0
+            for s in sizes:
+                transport.write(data[pos : pos + s])
+                pos += s
+            await thread
+            assert bytes(received) == data
+            assert transport.bytes_written == total
+            assert proto.paused >= 1 and proto.resumed >= 1  # flow control both ways round
 
     run(main(), timeout=60)
 
@@ -286,32 +241,28 @@ def test_nonsense_drops_the_frontend_and_the_next_one_is_served(run: Any, tmp_pa
 
     async def main() -> None:
         device = ConsoleDevice()
-        backend = VhostUserBackend(device)
-        backend.listen(path)
-        server = asyncio.ensure_future(backend.serve())
-        for n, kind in enumerate(NONSENSE + ["half-header"]):
-            await asyncio.to_thread(_nonsense, path, kind)
-            # that session's end resets the device, which hangs up attached transports
-            await until(lambda n=n: backend.sessions == 2 * n + 1 and backend.connection is None)
-            proto = Collect()
-            device.ports[0].connect(lambda: proto)
+        async with serving(VhostUserBackend(device), path) as backend:
+            for n, kind in enumerate(NONSENSE + ["half-header"]):
+                await asyncio.to_thread(_nonsense, path, kind)
+                # that session's end resets the device, which hangs up attached transports
+                await until(lambda n=n: backend.sessions == 2 * n + 1 and backend.connection is None)
+                proto = Collect()
+                device.ports[0].connect(lambda: proto)
 
-            def good() -> None:
-                fe = _start_console_frontend(path, True)
-                for i in (0, 1):
-                    fe.set_kick(i)
-                    fe.enable(i)
-                fe.add(1, out=b"still serving")
-                fe.kick(1)
-                fe.wait_used(1, 1)
-                fe.close()
+                def good() -> None:
+                    fe = _start_console_frontend(path, True)
+                    for i in (0, 1):
+                        fe.set_kick(i)
+                        fe.enable(i)
+                    fe.add(1, out=b"still serving")
+                    fe.kick(1)
+                    fe.wait_used(1, 1)
+                    fe.close()
 
-            await asyncio.to_thread(good)
-            await asyncio.wait_for(proto.lost, 10)
-            assert bytes(proto.data) == b"still serving", kind
-        assert len(backend.dropped) == len(NONSENSE)  # the half header is just a hang-up
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+                await asyncio.to_thread(good)
+                await asyncio.wait_for(proto.lost, 10)
+                assert bytes(proto.data) == b"still serving", kind
+            assert len(backend.dropped) == len(NONSENSE)  # the half header is just a hang-up
 
     run(main(), timeout=60)
 
@@ -322,40 +273,35 @@ def test_hostile_ring_breaks_the_queue_not_the_backend(run: Any, tmp_path: Any, 
 
     async def main() -> None:
         device = ConsoleDevice()
-        backend = VhostUserBackend(device)
-        backend.listen(path)
-        server = asyncio.ensure_future(backend.serve())
+        async with serving(VhostUserBackend(device), path) as backend:
+            def hostile() -> None:
+                fe = _start_console_frontend(path, True)
+                for i in (0, 1):
+                    fe.set_kick(i)
+                    fe.enable(i)
+                r = fe.rings[1]
+                # descriptor 0 -> 0: a loop; then an address far outside guest memory
+                struct.pack_into("<QIHH", fe.mem, r.desc, fe.gpa(0x2000), 16, 1, 0)
+                struct.pack_into("<H", fe.mem, r.avail + 4, 0)
+                struct.pack_into("<H", fe.mem, r.avail + 2, 1)
+                fe.kick(1)
+                struct.pack_into("<QIHH", fe.mem, fe.rings[0].desc, 1 << 50, 4096, 2, 0)
+                struct.pack_into("<H", fe.mem, fe.rings[0].avail + 2, 1)
+                fe.kick(0)
+                # the control channel still answers
+                fe.send(Request.GET_FEATURES, reply=True)
+                # kicks and messages travel on different fds: give the kicks time to land
+                time.sleep(0.3)
+                fe.close()
 
-        def hostile() -> None:
-            fe = _start_console_frontend(path, True)
-            for i in (0, 1):
-                fe.set_kick(i)
-                fe.enable(i)
-            r = fe.rings[1]
-            # descriptor 0 -> 0: a loop; then an address far outside guest memory
-            struct.pack_into("<QIHH", fe.mem, r.desc, fe.gpa(0x2000), 16, 1, 0)
-            struct.pack_into("<H", fe.mem, r.avail + 4, 0)
-            struct.pack_into("<H", fe.mem, r.avail + 2, 1)
-            fe.kick(1)
-            struct.pack_into("<QIHH", fe.mem, fe.rings[0].desc, 1 << 50, 4096, 2, 0)
-            struct.pack_into("<H", fe.mem, fe.rings[0].avail + 2, 1)
-            fe.kick(0)
-            # the control channel still answers
-            fe.send(Request.GET_FEATURES, reply=True)
-            # kicks and messages travel on different fds: give the kicks time to land
-            time.sleep(0.3)
-            fe.close()
-
-        proto = Collect()
-        transport, _ = device.ports[0].connect(lambda: proto)
-        transport.write(b"for the guest")  # makes the backend read ring 0
-        await asyncio.to_thread(hostile)
-        await asyncio.wait_for(proto.lost, 10)
-        assert any("loops" in r.getMessage() for r in caplog.records)
-        assert any("outside every memory region" in r.getMessage() for r in caplog.records)
-        assert backend.sessions == 1
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+            proto = Collect()
+            transport, _ = device.ports[0].connect(lambda: proto)
+            transport.write(b"for the guest")  # makes the backend read ring 0
+            await asyncio.to_thread(hostile)
+            await asyncio.wait_for(proto.lost, 10)
+            assert any("loops" in r.getMessage() for r in caplog.records)
+            assert any("outside every memory region" in r.getMessage() for r in caplog.records)
+            assert backend.sessions == 1
 
     run(main(), timeout=30)
 
@@ -418,56 +364,52 @@ def test_multiport_handshake_names_open_resize_and_eof_order(run: Any, tmp_path:
 
     async def main() -> None:
         device = ConsoleDevice(["alpha", "beta"], size=(25, 80), resize_order=ResizeOrder.COLS_ROWS)
-        backend = VhostUserBackend(device)
-        backend.listen(path)
-        server = asyncio.ensure_future(backend.serve())
-        beta = Collect()
-        device.ports[2].connect(lambda: beta)  # host side of "beta" open before the guest
-        state: dict[str, Any] = {}
-        resized = asyncio.Event()
-        loop = asyncio.get_running_loop()
+        async with serving(VhostUserBackend(device), path):
+            beta = Collect()
+            device.ports[2].connect(lambda: beta)  # host side of "beta" open before the guest
+            state: dict[str, Any] = {}
+            resized = asyncio.Event()
+            loop = asyncio.get_running_loop()
 
-        def guest() -> None:
-            fe = Frontend(path)
-            fe.handshake()
-            cfg = fe.send(Request.GET_CONFIG, struct.pack("<III", 0, 12, 0) + bytes(12), reply=True)
-            assert cfg is not None
-            state["config"] = struct.unpack_from("<HHII", cfg, 12)
-            drv = MultiportDriver(fe, 3)
-            drv.start()
-            names = lambda ev: {p: d for p, e, v, d in ev if e == ControlEvent.PORT_NAME}  # noqa: E731
-            drv.poll(lambda ev: len(names(ev)) == 2 and any(e == ControlEvent.PORT_OPEN for _, e, _, _ in ev))
-            state["names"] = names(drv.events)
-            state["events"] = list(drv.events)
-            loop.call_soon_threadsafe(lambda: device.ports[0].resize(50, 132))
-            drv.poll(lambda ev: any(e == ControlEvent.RESIZE and v == 0 and d[:4] for _, e, v, d in ev[len(state["events"]):])
-                     and ev[-1][1] == ControlEvent.RESIZE)
-            state["resize"] = [d for _, e, _, d in drv.events if e == ControlEvent.RESIZE]
-            loop.call_soon_threadsafe(resized.set)
-            # port 2 ("beta"): the guest opens it, writes, and closes straight away
-            drv.send(2, ControlEvent.PORT_OPEN, 1)
-            for k in range(20):
-                fe.add(7, out=b"%04d" % k * 1000)
-            fe.kick(7)
-            drv.send(2, ControlEvent.PORT_OPEN, 0)
-            fe.wait_used(7, 20)
-            fe.close()
+            def guest() -> None:
+                fe = Frontend(path)
+                fe.handshake()
+                cfg = fe.send(Request.GET_CONFIG, struct.pack("<III", 0, 12, 0) + bytes(12), reply=True)
+                assert cfg is not None
+                state["config"] = struct.unpack_from("<HHII", cfg, 12)
+                drv = MultiportDriver(fe, 3)
+                drv.start()
+                names = lambda ev: {p: d for p, e, v, d in ev if e == ControlEvent.PORT_NAME}  # noqa: E731
+                drv.poll(lambda ev: len(names(ev)) == 2 and any(e == ControlEvent.PORT_OPEN for _, e, _, _ in ev))
+                state["names"] = names(drv.events)
+                state["events"] = list(drv.events)
+                loop.call_soon_threadsafe(lambda: device.ports[0].resize(50, 132))
+                drv.poll(lambda ev: any(e == ControlEvent.RESIZE and v == 0 and d[:4] for _, e, v, d in ev[len(state["events"]):])
+                         and ev[-1][1] == ControlEvent.RESIZE)
+                state["resize"] = [d for _, e, _, d in drv.events if e == ControlEvent.RESIZE]
+                loop.call_soon_threadsafe(resized.set)
+                # port 2 ("beta"): the guest opens it, writes, and closes straight away
+                drv.send(2, ControlEvent.PORT_OPEN, 1)
+                for k in range(20):
+                    fe.add(7, out=b"%04d" % k * 1000)
+                fe.kick(7)
+                drv.send(2, ControlEvent.PORT_OPEN, 0)
+                fe.wait_used(7, 20)
+                fe.close()
 
-        await asyncio.to_thread(guest)
-        await asyncio.wait_for(beta.lost, 10)
-        assert state["config"] == (80, 25, 3, 0)  # cols, rows, max_nr_ports, emerg_wr
-        assert state["names"] == {1: b"alpha", 2: b"beta"}
-        kinds = [(p, e) for p, e, _, _ in state["events"]]
-        assert kinds[:3] == [(0, ControlEvent.DEVICE_ADD), (1, ControlEvent.DEVICE_ADD), (2, ControlEvent.DEVICE_ADD)]
-        assert (0, ControlEvent.CONSOLE_PORT) in kinds and (2, ControlEvent.PORT_OPEN) in kinds
-        assert (1, ControlEvent.PORT_OPEN) not in kinds  # nobody on the host has "alpha" open
-        # the initial size, then the resize, both as (cols, rows) per the spec
-        assert state["resize"] == [struct.pack("<HH", 80, 25), struct.pack("<HH", 132, 50)]
-        # everything written before the close, then EOF
-        assert bytes(beta.data) == b"".join(b"%04d" % k * 1000 for k in range(20))
-        assert beta.eof
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+            await asyncio.to_thread(guest)
+            await asyncio.wait_for(beta.lost, 10)
+            assert state["config"] == (80, 25, 3, 0)  # cols, rows, max_nr_ports, emerg_wr
+            assert state["names"] == {1: b"alpha", 2: b"beta"}
+            kinds = [(p, e) for p, e, _, _ in state["events"]]
+            assert kinds[:3] == [(0, ControlEvent.DEVICE_ADD), (1, ControlEvent.DEVICE_ADD), (2, ControlEvent.DEVICE_ADD)]
+            assert (0, ControlEvent.CONSOLE_PORT) in kinds and (2, ControlEvent.PORT_OPEN) in kinds
+            assert (1, ControlEvent.PORT_OPEN) not in kinds  # nobody on the host has "alpha" open
+            # the initial size, then the resize, both as (cols, rows) per the spec
+            assert state["resize"] == [struct.pack("<HH", 80, 25), struct.pack("<HH", 132, 50)]
+            # everything written before the close, then EOF
+            assert bytes(beta.data) == b"".join(b"%04d" % k * 1000 for k in range(20))
+            assert beta.eof
 
     run(main(), timeout=60)
 
@@ -477,28 +419,24 @@ def test_paused_reader_leaves_buffers_in_the_ring(run: Any, tmp_path: Any) -> No
 
     async def main() -> None:
         device = ConsoleDevice()
-        backend = VhostUserBackend(device)
-        backend.listen(path)
-        server = asyncio.ensure_future(backend.serve())
-        proto = Collect()
-        transport, _ = device.ports[0].connect(lambda: proto)
-        transport.pause_reading()
-        fe = await asyncio.to_thread(_start_console_frontend, path, True)
-        for i in (0, 1):
-            await asyncio.to_thread(fe.set_kick, i)
-            await asyncio.to_thread(fe.enable, i)
-        for k in range(10):
-            fe.add(1, out=b"x%d" % k)
-        fe.kick(1)
-        await asyncio.sleep(0.2)
-        assert fe.used(1) == [] and not proto.data  # not taken while paused
-        transport.resume_reading()
-        used = await asyncio.to_thread(fe.wait_used, 1, 10)
-        assert len(used) == 10
-        await until(lambda: len(proto.data) == sum(len(b"x%d" % k) for k in range(10)))
-        await asyncio.to_thread(fe.close)
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+        async with serving(VhostUserBackend(device), path):
+            proto = Collect()
+            transport, _ = device.ports[0].connect(lambda: proto)
+            transport.pause_reading()
+            fe = await asyncio.to_thread(_start_console_frontend, path, True)
+            for i in (0, 1):
+                await asyncio.to_thread(fe.set_kick, i)
+                await asyncio.to_thread(fe.enable, i)
+            for k in range(10):
+                fe.add(1, out=b"x%d" % k)
+            fe.kick(1)
+            await asyncio.sleep(0.2)
+            assert fe.used(1) == [] and not proto.data  # not taken while paused
+            transport.resume_reading()
+            used = await asyncio.to_thread(fe.wait_used, 1, 10)
+            assert len(used) == 10
+            await until(lambda: len(proto.data) == sum(len(b"x%d" % k) for k in range(10)))
+            await asyncio.to_thread(fe.close)
 
     run(main(), timeout=30)
 
@@ -508,36 +446,32 @@ def test_open_port_streams_and_emergency_write(run: Any, tmp_path: Any) -> None:
 
     async def main() -> None:
         device = ConsoleDevice()
-        backend = VhostUserBackend(device)
-        backend.listen(path)
-        server = asyncio.ensure_future(backend.serve())
-        reader, writer = await open_port(device.ports[0])
+        async with serving(VhostUserBackend(device), path):
+            reader, writer = await open_port(device.ports[0])
 
-        def guest() -> bytes:
-            fe = _start_console_frontend(path, True)
-            for i in (0, 1):
-                fe.set_kick(i)
-                fe.enable(i)
-            fe.add(0, in_len=64)
-            fe.kick(0)
-            fe.add(1, out=b"ping\n")
-            fe.kick(1)
-            # emergency write: one character into config offset 8
-            fe.send(Request.SET_CONFIG, struct.pack("<III", 8, 4, 0) + b"!\0\0\0")
-            got = fe.wait_used(0, 1)[0][2]
-            fe.close()
-            return got
+            def guest() -> bytes:
+                fe = _start_console_frontend(path, True)
+                for i in (0, 1):
+                    fe.set_kick(i)
+                    fe.enable(i)
+                fe.add(0, in_len=64)
+                fe.kick(0)
+                fe.add(1, out=b"ping\n")
+                fe.kick(1)
+                # emergency write: one character into config offset 8
+                fe.send(Request.SET_CONFIG, struct.pack("<III", 8, 4, 0) + b"!\0\0\0")
+                got = fe.wait_used(0, 1)[0][2]
+                fe.close()
+                return got
 
-        task = asyncio.ensure_future(asyncio.to_thread(guest))
-        # The emergency character bypasses the rings, so it may come before or after.
-        got = await reader.readexactly(6)
-        assert sorted(got) == sorted(b"ping\n!") and got.replace(b"!", b"") == b"ping\n"
-        writer.write(b"pong\n")
-        await writer.drain()
-        assert await task == b"pong\n"
-        assert device.emergency_bytes == 1
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+            task = asyncio.ensure_future(asyncio.to_thread(guest))
+            # The emergency character bypasses the rings, so it may come before or after.
+            got = await reader.readexactly(6)
+            assert sorted(got) == sorted(b"ping\n!") and got.replace(b"!", b"") == b"ping\n"
+            writer.write(b"pong\n")
+            await writer.drain()
+            assert await task == b"pong\n"
+            assert device.emergency_bytes == 1
 
     run(main(), timeout=30)
 

@@ -17,24 +17,8 @@ from sigpoll._testing import until
 from sigpoll import WriteBufferFullError
 from sigpoll.virtio import ConsoleDevice, VhostUserBackend, open_port
 from sigpoll.virtio._frontend import Frontend
+from sigpoll.virtio._testing import Collect, serving
 from sigpoll.virtio._vhost_user import Request, encode_message, encode_u64
-
-
-class Collect(asyncio.Protocol):
-    """Keeps what it receives; ``lost`` resolves on connection_lost."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.lost = asyncio.get_event_loop().create_future()
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(exc)
-
-
 
 
 def _frontend(path: str) -> Frontend:
@@ -52,42 +36,37 @@ def test_frontend_dying_mid_message_leaves_the_backend_serving(run: Any, tmp_pat
 
     async def main() -> None:
         device = ConsoleDevice()
-        backend = VhostUserBackend(device)
-        backend.listen(path)
-        server = asyncio.ensure_future(backend.serve())
+        async with serving(VhostUserBackend(device), path) as backend:
+            def die_mid_header_then_mid_payload() -> None:
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(path)
+                s.sendall(encode_message(Request.SET_OWNER)[:5])  # half a header
+                s.close()
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(path)
+                r, w = os.pipe()
+                whole = encode_message(Request.SET_VRING_CALL, encode_u64(0))
+                socket.send_fds(s, [whole[:14]], [w])  # header and part of the payload, with an fd
+                os.close(w)
+                os.close(r)
+                s.close()
 
-        def die_mid_header_then_mid_payload() -> None:
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(path)
-            s.sendall(encode_message(Request.SET_OWNER)[:5])  # half a header
-            s.close()
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(path)
-            r, w = os.pipe()
-            whole = encode_message(Request.SET_VRING_CALL, encode_u64(0))
-            socket.send_fds(s, [whole[:14]], [w])  # header and part of the payload, with an fd
-            os.close(w)
-            os.close(r)
-            s.close()
+            def live() -> None:
+                fe = _frontend(path)  # the next frontend gets a clean device
+                fe.add(1, out=b"still here")
+                fe.kick(1)
+                fe.wait_used(1, 1)
+                fe.close()
 
-        def live() -> None:
-            fe = _frontend(path)  # the next frontend gets a clean device
-            fe.add(1, out=b"still here")
-            fe.kick(1)
-            fe.wait_used(1, 1)
-            fe.close()
-
-        await asyncio.to_thread(die_mid_header_then_mid_payload)
-        await until(lambda: backend.sessions == 2 and backend.connection is None, timeout=20.0)
-        # The device went away with each frontend, ending host transports; attach anew.
-        proto = Collect()
-        device.ports[0].connect(lambda: proto)
-        await asyncio.to_thread(live)
-        await until(lambda: bytes(proto.data) == b"still here" or proto.lost.done(), timeout=20.0)
-        assert bytes(proto.data) == b"still here"
-        assert backend.sessions == 3
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+            await asyncio.to_thread(die_mid_header_then_mid_payload)
+            await until(lambda: backend.sessions == 2 and backend.connection is None, timeout=20.0)
+            # The device went away with each frontend, ending host transports; attach anew.
+            proto = Collect()
+            device.ports[0].connect(lambda: proto)
+            await asyncio.to_thread(live)
+            await until(lambda: bytes(proto.data) == b"still here" or proto.lost.done(), timeout=20.0)
+            assert bytes(proto.data) == b"still here"
+            assert backend.sessions == 3
 
     run(main(), timeout=60)
 
@@ -98,46 +77,42 @@ def test_a_full_call_pipe_neither_blocks_nor_loses_data(run: Any, tmp_path: Any)
 
     async def main() -> None:
         device = ConsoleDevice()
-        backend = VhostUserBackend(device)
-        backend.listen(path)
-        server = asyncio.ensure_future(backend.serve())
-        proto = Collect()
-        device.ports[0].connect(lambda: proto)
-        expected = b"".join(b"chunk %05d;" % i for i in range(2000))
+        async with serving(VhostUserBackend(device), path):
+            proto = Collect()
+            device.ports[0].connect(lambda: proto)
+            expected = b"".join(b"chunk %05d;" % i for i in range(2000))
 
-        def guest() -> int:
-            fe = _frontend(path)
-            r, w = os.pipe()
-            fcntl.fcntl(w, fcntl.F_SETFL, os.O_NONBLOCK)
-            with pytest.raises(BlockingIOError):
-                while True:
-                    os.write(w, b"\0" * 4096)  # full before the first interrupt
-            fe.send(Request.SET_VRING_CALL, encode_u64(1), [w])
-            os.close(w)
-            sent = 0
-            in_flight = 0
-            deadline = time.monotonic() + 60
-            while sent < 2000 or in_flight:
-                while sent < 2000 and in_flight < 32:
-                    fe.add(1, out=b"chunk %05d;" % sent)
-                    sent += 1
-                    in_flight += 1
-                fe.kick(1)
-                back = fe.used(1)
-                in_flight -= len(back)
-                if not back:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{sent} sent, {in_flight} not returned")
-                    time.sleep(0.001)
-            fe.close()
-            os.close(r)
-            return sent
+            def guest() -> int:
+                fe = _frontend(path)
+                r, w = os.pipe()
+                fcntl.fcntl(w, fcntl.F_SETFL, os.O_NONBLOCK)
+                with pytest.raises(BlockingIOError):
+                    while True:
+                        os.write(w, b"\0" * 4096)  # full before the first interrupt
+                fe.send(Request.SET_VRING_CALL, encode_u64(1), [w])
+                os.close(w)
+                sent = 0
+                in_flight = 0
+                deadline = time.monotonic() + 60
+                while sent < 2000 or in_flight:
+                    while sent < 2000 and in_flight < 32:
+                        fe.add(1, out=b"chunk %05d;" % sent)
+                        sent += 1
+                        in_flight += 1
+                    fe.kick(1)
+                    back = fe.used(1)
+                    in_flight -= len(back)
+                    if not back:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"{sent} sent, {in_flight} not returned")
+                        time.sleep(0.001)
+                fe.close()
+                os.close(r)
+                return sent
 
-        assert await asyncio.to_thread(guest) == 2000
-        await until(lambda: len(proto.data) >= len(expected), timeout=20.0)
-        assert bytes(proto.data) == expected
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+            assert await asyncio.to_thread(guest) == 2000
+            await until(lambda: len(proto.data) >= len(expected), timeout=20.0)
+            assert bytes(proto.data) == expected
 
     run(main(), timeout=90)
 
@@ -149,41 +124,37 @@ def test_guest_going_away_mid_transfer_ends_the_session_cleanly(run: Any, tmp_pa
 
     async def main() -> None:
         device = ConsoleDevice()
-        backend = VhostUserBackend(device)
-        backend.listen(path)
-        server = asyncio.ensure_future(backend.serve())
-        reader, writer = await open_port(device.ports[0])
-        writer.write(b"x" * (4 << 20))  # far more than the guest will take
+        async with serving(VhostUserBackend(device), path) as backend:
+            reader, writer = await open_port(device.ports[0])
+            writer.write(b"x" * (4 << 20))  # far more than the guest will take
 
-        def first_guest() -> int:
-            fe = _frontend(path)
-            for _ in range(8):
+            def first_guest() -> int:
+                fe = _frontend(path)
+                for _ in range(8):
+                    fe.add(0, in_len=4096)
+                fe.kick(0)
+                got = fe.wait_used(0, 8)
+                fe.close()  # gone, mid-transfer
+                return sum(length for _, length, _ in got)
+
+            assert await asyncio.to_thread(first_guest) == 8 * 4096
+            await asyncio.wait_for(reader.read(), 20)  # EOF: the port ended with the guest
+            assert writer.transport.is_closing()
+            assert device.ports[0].to_guest_len == 0  # the rest was dropped with the session
+            reader, writer = await open_port(device.ports[0])
+            writer.write(b"fresh")
+
+            def second_guest() -> bytes:
+                fe = _frontend(path)
                 fe.add(0, in_len=4096)
-            fe.kick(0)
-            got = fe.wait_used(0, 8)
-            fe.close()  # gone, mid-transfer
-            return sum(length for _, length, _ in got)
+                fe.kick(0)
+                (_, length, data), = fe.wait_used(0, 1)
+                fe.close()
+                return data[:length]
 
-        assert await asyncio.to_thread(first_guest) == 8 * 4096
-        await asyncio.wait_for(reader.read(), 20)  # EOF: the port ended with the guest
-        assert writer.transport.is_closing()
-        assert device.ports[0].to_guest_len == 0  # the rest was dropped with the session
-        reader, writer = await open_port(device.ports[0])
-        writer.write(b"fresh")
-
-        def second_guest() -> bytes:
-            fe = _frontend(path)
-            fe.add(0, in_len=4096)
-            fe.kick(0)
-            (_, length, data), = fe.wait_used(0, 1)
-            fe.close()
-            return data[:length]
-
-        assert await asyncio.to_thread(second_guest) == b"fresh"
-        assert backend.sessions == 2 and not backend.dropped
-        writer.close()
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+            assert await asyncio.to_thread(second_guest) == b"fresh"
+            assert backend.sessions == 2 and not backend.dropped
+            writer.close()
 
     run(main(), timeout=60)
 
