@@ -641,7 +641,7 @@ def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None,
     asyncio.run does.
     """
     def factory() -> Loop:
-        return Loop(busy_poll_us=busy_poll_us)
+        return new_event_loop(busy_poll_us=busy_poll_us)
 
     with asyncio.Runner(debug=debug, loop_factory=factory) as runner:
         return runner.run(main)
