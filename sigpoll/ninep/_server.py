@@ -1302,35 +1302,45 @@ def _simple(mtype: int, reply: Callable[..., Message], fids: tuple[str, ...],
     ``inline``: ``work`` is cheap enough to also get an inline version.
     """
 
-    async def handler(conn: _Connection, m: Message) -> Message:
+    def borrow(conn: _Connection, m: Message) -> list[_Fid]:
+        # The fids ``m`` names, borrowed together (each with a handle), or none of them.
         taken: list[_Fid] = []
         try:
             for name in fids:
                 taken.append(conn._take(getattr(m, name)))
             for f in taken:
                 conn._handle(f)
+        except BaseException:
+            give_back(conn, taken)
+            raise
+        return taken
+
+    def give_back(conn: _Connection, taken: list[_Fid]) -> None:
+        for f in taken:
+            conn._give_back(f)
+
+    def answer(result: Any) -> Message:
+        return reply(*result) if isinstance(result, tuple) else reply()
+
+    async def handler(conn: _Connection, m: Message) -> Message:
+        taken = borrow(conn, m)
+        try:
             result = await conn.server._call(work, conn, m, *taken)
         finally:
-            for f in taken:
-                conn._give_back(f)
-        return reply(*result) if isinstance(result, tuple) else reply()
+            give_back(conn, taken)
+        return answer(result)
 
     _HANDLERS[mtype] = handler
     if not inline:
         return
 
     def fast(conn: _Connection, m: Message) -> Message:
-        taken: list[_Fid] = []
+        taken = borrow(conn, m)
         try:
-            for name in fids:
-                taken.append(conn._take(getattr(m, name)))
-            for f in taken:
-                conn._handle(f)
             result = _retry_eintr(work, conn, m, *taken)
         finally:
-            for f in taken:
-                conn._give_back(f)
-        return reply(*result) if isinstance(result, tuple) else reply()
+            give_back(conn, taken)
+        return answer(result)
 
     _FAST[mtype] = fast
 
