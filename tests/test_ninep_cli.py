@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -10,7 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +31,25 @@ def export(tmp_path: Path) -> Path:
     return d
 
 
+@contextlib.contextmanager
+def _serve(*args: str, **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m sigpoll.ninep serve ARGS``, killed if the test leaves it running."""
+    proc = subprocess.Popen([*CMD, "serve", *args], **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _stderr(proc: subprocess.Popen[bytes]) -> str:
+    """What the server said, which never includes a traceback."""
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert "Traceback" not in err
+    return err
+
+
 def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -40,31 +62,28 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError("server did not start")
 
 
+def _read_f(connect: Awaitable[Client]) -> bytes:
+    """Connect, read the export's file ``f`` and hang up."""
+    async def use() -> bytes:
+        cl = await connect
+        data = await cl.read_file("f")
+        await cl.close()
+        return data
+
+    return asyncio.run(use())
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_serve_tcp_logs_and_exits_cleanly(export: Path, sig: int) -> None:
     port = free_port()
-    proc = subprocess.Popen([*CMD, "serve", str(export), "--listen", f"127.0.0.1:{port}"],
-                            stderr=subprocess.PIPE)
-    try:
+    with _serve(str(export), "--listen", f"127.0.0.1:{port}", stderr=subprocess.PIPE) as proc:
         _wait_port(port, proc)  # (one probe connection)
-
-        async def use() -> bytes:
-            cl = await Client.connect_tcp("127.0.0.1", port)
-            data = await cl.read_file("f")
-            await cl.close()
-            return data
-
-        assert asyncio.run(use()) == b"cli\n"
+        assert _read_f(Client.connect_tcp("127.0.0.1", port)) == b"cli\n"
         time.sleep(0.2)
         proc.send_signal(sig)
         assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert any("connection from" in ln and "closed" not in ln for ln in lines), err
+    lines = _stderr(proc).splitlines()
+    assert any("connection from" in ln and "closed" not in ln for ln in lines), lines
     assert sum("connection from" in ln and "closed" not in ln for ln in lines) == 2
 
 
@@ -72,11 +91,9 @@ def test_serve_limits_options(export: Path) -> None:
     """The limits are set from the command line: a second connection past
     --max-connections 1 is closed and logged, and --max-fids 2 gives EMFILE."""
     port = free_port()
-    proc = subprocess.Popen([*CMD, "serve", str(export), "--listen", f"127.0.0.1:{port}",
-                             "--max-connections", "1", "--max-fids", "2", "--max-inflight", "4",
-                             "--max-queued-output", "65536", "--no-inline"],
-                            stderr=subprocess.PIPE)
-    try:
+    with _serve(str(export), "--listen", f"127.0.0.1:{port}",
+                "--max-connections", "1", "--max-fids", "2", "--max-inflight", "4",
+                "--max-queued-output", "65536", "--no-inline", stderr=subprocess.PIPE) as proc:
         _wait_port(port, proc)
 
         async def use() -> None:
@@ -99,56 +116,30 @@ def test_serve_limits_options(export: Path) -> None:
         asyncio.run(use())
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    assert "Traceback" not in err
+    err = _stderr(proc)
     assert "refusing connection" in err and "max_connections" in err, err
 
 
 def test_serve_unix(export: Path, tmp_path: Path) -> None:
     path = str(tmp_path / "s.sock")
-    proc = subprocess.Popen([*CMD, "serve", str(export), "--unix", path, "-q"])
-    try:
+    with _serve(str(export), "--unix", path, "-q") as proc:
         deadline = time.monotonic() + 10
         while not os.path.exists(path) and time.monotonic() < deadline:
             time.sleep(0.05)
-
-        async def use() -> bytes:
-            cl = await Client.connect_unix(path)
-            data = await cl.read_file("f")
-            await cl.close()
-            return data
-
-        assert asyncio.run(use()) == b"cli\n"
+        assert _read_f(Client.connect_unix(path)) == b"cli\n"
         proc.terminate()
         assert proc.wait(10) == 0
         assert not os.path.exists(path)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 @pytest.mark.parametrize("extra", [[], ["--busy-poll-us", "300"]])
 def test_serve_fd_socketpair(export: Path, extra: list[str]) -> None:
     a, b = socket.socketpair()
-    proc = subprocess.Popen([*CMD, "serve", str(export), "--fd", f"{a.fileno()}", "-q", *extra],
-                            pass_fds=[a.fileno()])
-    a.close()
-    try:
-        async def use() -> bytes:
-            cl = await Client.connect_fds(b.fileno())
-            data = await cl.read_file("f")
-            await cl.close()
-            return data
-
-        assert asyncio.run(use()) == b"cli\n"
+    with _serve(str(export), "--fd", f"{a.fileno()}", "-q", *extra, pass_fds=[a.fileno()]) as proc:
+        a.close()
+        assert _read_f(Client.connect_fds(b.fileno())) == b"cli\n"
         b.close()
         assert proc.wait(10) == 0  # the one connection ended: the server exits
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 @pytest.mark.parametrize(
