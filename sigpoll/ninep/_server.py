@@ -491,10 +491,12 @@ class NinepServer:
         self._closed = True
         for srv in self._servers:
             srv.close()
-        for srv in self._servers:
-            await srv.wait_closed()
+        # Connections first: since Python 3.12, Server.wait_closed() also waits for every
+        # connection the server accepted to end, so waiting before aborting them never returns.
         for conn in list(self.connections):
             conn.abort()
+        for srv in self._servers:
+            await srv.wait_closed()
         for conn in list(self.connections):
             await conn.closed
         self._pool.shutdown(wait=True)
@@ -609,10 +611,10 @@ class _Connection(asyncio.Protocol):
         log.info("ninep: connection from %s", self.peer)
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()  # type: ignore[attr-defined]
-        if self._writer is not None and self._writer is not self.transport:
-            self._writer.abort()
+        # A read pipe transport has no abort(); closing it drops its buffered input too.
+        for t in (self.transport, self._writer if self._writer is not self.transport else None):
+            if t is not None:
+                getattr(t, "abort", t.close)()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost:
