@@ -22,7 +22,8 @@ every reply's tag was sent and its type answers a request with that tag (or is
 Rlerror); no tag gets more replies than requests; while the connection stays up every
 request gets its reply unless a Tflush or a later Tversion may have aborted it; the
 connection is closed by the server only when the framing was broken (a size field below
-7 or above the negotiated msize); nothing outside the export appeared, changed mode or
+7 or above the negotiated msize) or a tag was sent again (maybe while still in flight);
+nothing outside the export appeared, changed mode or
 content; the connection's fids are all released when it ends.  The server must reach
 that end within a deadline (a hang fails).  Handler exceptions the server catches and
 answers with EIO (logged with a traceback) are recorded in :data:`CAUGHT` and reported;
@@ -423,7 +424,7 @@ async def _exchange(env: _Env, frames: list[bytes], broken: bool) -> tuple[bytes
                 if not await receive_until(lambda: answered(sentinel)):
                     break
             if not closed:
-                await receive_until(lambda: not conn.pending)
+                await receive_until(lambda: not conn.session.pending)
                 # Replies may still sit in the server's write path; one more sentinel,
                 # answered after all of them, flushes them out to us.
                 last = fresh()
@@ -432,11 +433,11 @@ async def _exchange(env: _Env, frames: list[bytes], broken: bool) -> tuple[bytes
             ours.close()
             await conn.closed
     except TimeoutError:
-        raise AssertionError(f"server hung: pending={conn.pending!r} running={conn._running} "
+        raise AssertionError(f"server hung: pending={conn.session.pending!r} inflight={conn.inflight} "
                              f"closed={conn.closed.done()}") from None
     finally:
         ours.close()
-    assert not conn.fids, "fids left after the connection ended"
+    assert not conn.session.fids, "fids left after the connection ended"
     return bytes(replies), closed, sentinels
 
 
@@ -457,6 +458,10 @@ def _check(frames: list[bytes], broken: bool, replies: bytes, closed: bool, sent
             may_close = True  # beyond the negotiated msize: the server may cut us off
         requests[tag] += 1
         types[tag].add(mtype)
+        if requests[tag] > 1 and mtype != c.Tversion.TYPE:
+            # A tag sent again, maybe while its first request was still in flight: the
+            # server closes the connection then (no reply under that tag would be safe).
+            may_close = True
         try:
             msg: c.Message | None = c.decode(f)
         except c.ProtocolError:

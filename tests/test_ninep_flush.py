@@ -16,7 +16,7 @@ import pytest
 
 from sigpoll.ninep import Client, NinepServer
 from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import HoldHook, RawClient, until
+from sigpoll.ninep._testing import HoldHook, HoldingServer, RawClient, until
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def export(tmp_path: Path) -> Path:
 
 async def _start(export: Path, **kw: object) -> tuple[NinepServer, int, HoldHook]:
     hook = HoldHook()
-    server = NinepServer(export, hook=hook, **kw)  # type: ignore[arg-type]
+    server = HoldingServer(export, hook, **kw)
     srv = await server.start_tcp("127.0.0.1", 0)
     return server, srv.sockets[0].getsockname()[1], hook
 

@@ -55,7 +55,7 @@ def test_max_fids_emfile_and_clunk_frees(run, export: Path) -> None:
         cl = await Client.connect_tcp("127.0.0.1", port)  # the root fid is one of the 4
         fids = [await cl.walk("f") for _ in range(3)]
         conn = next(iter(server.connections))
-        assert len(conn.fids) == 4
+        assert len(conn.session.fids) == 4
         attempts = [
             lambda: cl.walk("f"),
             lambda: cl.rpc(c.Tattach(99, c.NOFID, "root", "", 0)),
@@ -65,7 +65,7 @@ def test_max_fids_emfile_and_clunk_frees(run, export: Path) -> None:
             with pytest.raises(NinepError) as err:
                 await attempt()
             assert err.value.errno == errno.EMFILE
-        assert len(conn.fids) == 4  # nothing half-made
+        assert len(conn.session.fids) == 4  # nothing half-made
         await cl.rpc(c.Twalk(fids[0], fids[0], []))  # no new fid: fine at the cap
         await cl.clunk(fids.pop())
         fids.append(await cl.walk("f"))  # the clunk made room
