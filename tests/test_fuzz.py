@@ -29,10 +29,11 @@ from sigpoll.virtio import _vhost_user as vu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUZZ = os.path.join(ROOT, "fuzz")
-TARGETS = ["ninep_decode", "ninep_server", "vhost_user", "virtqueue"]
+TARGETS = ["ninep_decode", "ninep_server", "ninep_session", "vhost_user", "virtqueue"]
 # Short atheris runs: (runs, -timeout seconds per input).  The server target does real
 # file system work per input, so it gets fewer.
-RUNS = {"ninep_decode": 4000, "ninep_server": 300, "vhost_user": 1000, "virtqueue": 3000}
+RUNS = {"ninep_decode": 4000, "ninep_server": 300, "ninep_session": 4000, "vhost_user": 1000,
+        "virtqueue": 3000}
 
 
 def _load(target: str) -> ModuleType:
@@ -229,3 +230,9 @@ def test_random_vhost_user_programs(harness: Any, data: bytes) -> None:
 @given(st.binary(max_size=300))
 def test_random_9p_server_programs(harness: Any, data: bytes) -> None:
     harness("ninep_server").one_input(b"\1" + data)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=600))
+def test_random_9p_session_programs(data: bytes) -> None:
+    _load("ninep_session").one_input(data)
