@@ -395,7 +395,13 @@ class Client:
             msg.tag = tag
             slot = _Slot(tag, msg, counted)
             self._slots[tag] = slot
-        data = c.encode(msg)
+        try:
+            data = c.encode(msg)
+        except BaseException:
+            # Nothing was sent: the tag and the max_tags place go back at once.
+            with self._lock:
+                self._release(slot)
+            raise
         if threading.get_ident() == self._loop_thread:
             slot.future = self._loop.create_future()
             self._write(data)
