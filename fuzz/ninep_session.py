@@ -21,7 +21,9 @@ outstanding from the client's side:
 * an aborted request is never started, and only a queued one is aborted; a Tversion or the
   connection closing aborts every queued request;
 * at the end, unless the connection was closed, every request got its reply or was
-  dropped by a Tflush that got its Rflush, and every Tflush got its Rflush.
+  dropped by a Tflush that got its Rflush, and every Tflush got its Rflush;
+* the bytes the connection holds for each message come back exactly once, when the
+  message is over (never more, never lost: its memory budget rests on that).
 
 Run longer: ``python fuzz/ninep_session.py [workdir] [-max_total_time=600] ...``
 """
@@ -105,12 +107,16 @@ class _Run:
         #: errno code of a reply the harness made -> the request it was made for.
         self.made: dict[int, Request] = {}
         self.next_code = 1000
+        #: Bytes handed in with messages and handed back (Session.receive's ``held``).
+        self.held = 0
+        self.freed = 0
 
     # ------------------------------------------------------------------ events
 
     def receive(self, msg: c.Message, at_once: bool = False) -> None:
         self.client.sent(msg)
-        req = self.session.receive(msg)
+        self.held += 3
+        req = self.session.receive(msg, held=3)
         if req is not None:
             assert req.state is QUEUED and req.msg is msg
             if at_once:
@@ -119,6 +125,7 @@ class _Run:
                 self._check(self.session.take())
                 if self.session.answered_at_once(req):
                     self._replied([reply])
+                self._check(self.session.take())
                 return
             self.queued.append(req)
         self._check(self.session.take())
@@ -129,7 +136,8 @@ class _Run:
     def reject(self, tag: int) -> None:
         # A frame that did not decode: for the client, a message under that tag.
         self.client.sent(c.Tstatfs(0, tag=tag))
-        self.session.reject(tag, errno.EPROTO)
+        self.held += 5
+        self.session.reject(tag, errno.EPROTO, held=5)
         self._check(self.session.take())
 
     def start(self, i: int) -> None:
@@ -170,6 +178,8 @@ class _Run:
         if not self.client.closed:
             left = {t: m for t, m in self.client.waiting.items()}
             assert not left, f"never answered: {left}"
+        self.freed += self.session.take_freed()
+        assert self.freed == self.held, f"{self.freed} bytes handed back of {self.held}"
 
     # ------------------------------------------------------------------ checks
 
@@ -181,6 +191,8 @@ class _Run:
         return c.encode(reply) if code % 2 else reply
 
     def _check(self, actions: list[object]) -> None:
+        self.freed += self.session.take_freed()
+        assert self.freed <= self.held, f"{self.freed} bytes handed back of {self.held}"
         replies = []
         for action in actions:
             if isinstance(action, Abort):
