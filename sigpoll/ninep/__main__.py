@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from .._cli import add_busy_poll_option
 from .._loop import run
-from ._server import DEFAULT_MSIZE, MIN_MSIZE, Limits, NinepServer
+from ._server import DEFAULT_MSIZE, MIN_MSIZE, Limits, NinepServer, fd_limit
 
 __all__ = ["main"]
 
@@ -57,6 +57,16 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m sigpoll.ninep", description="9P2000.L file server")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -83,10 +93,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-connections", type=_positive,
                    default=d.max_connections, metavar="N",
                    help=f"connections at once; more are closed ({d.max_connections})")
-    s.add_argument("--max-queued-output", type=_positive,
-                   default=d.max_queued_output, metavar="BYTES",
-                   help="reply bytes queued for a client that does not read; past it "
-                        f"the connection is not read ({d.max_queued_output})")
+    s.add_argument("--max-connections-per-peer", type=_positive,
+                   default=d.max_connections_per_peer, metavar="N",
+                   help=f"connections from one address at once ({d.max_connections_per_peer})")
+    s.add_argument("--max-connection-memory", "--max-queued-output", type=_positive,
+                   dest="max_connection_memory", default=d.max_connection_memory,
+                   metavar="BYTES", help="bytes one connection's requests and replies may "
+                   f"hold; past it the connection is not read ({d.max_connection_memory})")
+    s.add_argument("--max-server-memory", type=_positive, default=d.max_server_memory,
+                   metavar="BYTES", help="the same for all connections together "
+                   f"({d.max_server_memory})")
+    s.add_argument("--max-fds", type=_positive, metavar="N",
+                   help="descriptors all fids may hold (default: RLIMIT_NOFILE less a reserve)")
+    s.add_argument("--max-connection-fds", type=_positive, metavar="N",
+                   help="descriptors one connection's fids may hold (default: max-fds / 8)")
+    s.add_argument("--version-timeout", type=_seconds, default=d.version_timeout, metavar="SECONDS",
+                   help="close a connection that has not negotiated a version by then "
+                        f"({d.version_timeout:g})")
+    s.add_argument("--max-threads-per-peer", type=_positive, metavar="N",
+                   help="worker threads one address's calls may hold (default: half of them)")
     s.add_argument("--no-inline", dest="inline", action="store_false",
                    help="every file system call in a thread (for exports on file "
                         "systems that may hang)")
@@ -104,9 +129,15 @@ def _stopper(stop: asyncio.Future[None]) -> Callable[[], None]:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    fd_limit()  # as high as the hard limit allows: the fids' budget comes from it
     limits = Limits(max_fids=args.max_fids, max_inflight=args.max_inflight,
                     max_connections=args.max_connections,
-                    max_queued_output=args.max_queued_output)
+                    max_connections_per_peer=args.max_connections_per_peer,
+                    max_connection_memory=args.max_connection_memory,
+                    max_server_memory=args.max_server_memory, max_fds=args.max_fds,
+                    max_connection_fds=args.max_connection_fds,
+                    version_timeout=args.version_timeout,
+                    max_threads_per_peer=args.max_threads_per_peer)
     server = NinepServer(args.dir, read_only=args.read_only, msize=args.msize,
                          squash_uid=args.squash_uid, squash_gid=args.squash_gid,
                          workers=args.workers, limits=limits, inline=args.inline)

@@ -9,8 +9,8 @@ Bytes are counted in two kinds:
   taking requests while its account or the budget is full (backpressure, not an error),
   except that a connection holding nothing may always take one, so none can be starved.
 * *state* bytes (:meth:`Account.hold_state`): what a fid keeps between requests (an xattr
-  value read or being written).  Past the limit the request that would add more is
-  refused with ENOMEM.
+  value read or being written), up to the same two limits, counted apart.  Past either the
+  request that would add more is refused with ENOMEM.
 
 Descriptors (:meth:`Account.check_fds`, :meth:`Account.add_fds`) are the fds fids keep
 open; past the connection's or the server's limit the request that would open more is
@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable
 
-__all__ = ["Budget", "Account", "RateLimitedLog", "LOG_EVERY"]
+__all__ = ["Budget", "Account", "PeerShare", "RateLimitedLog", "LOG_EVERY"]
 
 log = logging.getLogger("sigpoll.ninep")
 
@@ -66,6 +66,7 @@ class Budget:
         #: Fds all connections' fids may hold together.
         self.fds = fds
         self.mem_used = 0
+        self.state_used = 0
         self.fds_used = 0
         self.log = RateLimitedLog()
         #: Connections waiting for the budget to free up (an ordered set).
@@ -74,12 +75,25 @@ class Budget:
         self.on_release: Callable[[], None] | None = None
 
 
+class PeerShare:
+    """What all connections of one peer hold together (descriptors): one peer opening
+    many connections still cannot take the whole server's budget."""
+
+    __slots__ = ("fds", "fds_used", "connections")
+
+    def __init__(self, fds: int) -> None:
+        self.fds = fds
+        self.fds_used = 0
+        self.connections = 0
+
+
 class Account:
     """One connection's share of a :class:`Budget`: at most ``memory`` transient bytes,
-    ``memory`` state bytes and ``fds`` descriptors."""
+    ``memory`` state bytes and ``fds`` descriptors, the last also within its peer's
+    :class:`PeerShare` (``share``)."""
 
     __slots__ = ("budget", "memory", "fds", "mem_used", "state_used", "fds_used", "peer",
-                 "waiting")
+                 "waiting", "share")
 
     def __init__(self, budget: Budget, memory: int, fds: int, peer: str = "?") -> None:
         self.budget = budget
@@ -89,6 +103,8 @@ class Account:
         self.state_used = 0
         self.fds_used = 0
         self.peer = peer
+        #: The peer's share; its own until the server knows the peer.
+        self.share = PeerShare(budget.fds)
         #: The last :meth:`room` said no because the whole budget was full.
         self.waiting = False
 
@@ -119,26 +135,43 @@ class Account:
     # ------------------------------------------------------------------ state bytes
 
     def hold_state(self, n: int) -> None:
-        """Keep ``n`` more bytes of fid state, or raise ENOMEM."""
-        if n and self.state_used + n > self.memory:
-            self.budget.log.warning(
-                "state", "ninep: %s: a fid would hold more than %d bytes (max_connection_memory); "
-                "answered ENOMEM", self.peer, self.memory)
+        """Keep ``n`` more bytes of fid state, or raise ENOMEM (past this connection's
+        limit, or past the server's: state counts against both like transient bytes)."""
+        budget = self.budget
+        if n and (self.state_used + n > self.memory or budget.state_used + n > budget.memory):
+            budget.log.warning(
+                "state", "ninep: %s: fids would hold more than max_connection_memory or "
+                "max_server_memory; answered ENOMEM", self.peer)
             raise OSError(errno.ENOMEM, "too much held on this connection's fids")
         self.state_used += n
+        budget.state_used += n
 
     def drop_state(self, n: int) -> None:
         self.state_used -= n
+        self.budget.state_used -= n
 
     # ------------------------------------------------------------------ descriptors
 
+    def room_for_fds(self, n: int = 1) -> bool:
+        """Whether ``n`` more fds fit this connection's, its peer's and the server's budget."""
+        share = self.share
+        budget = self.budget
+        return (self.fds_used + n <= self.fds and share.fds_used + n <= share.fds
+                and budget.fds_used + n <= budget.fds)
+
     def check_fds(self, n: int = 1) -> None:
-        """Raise EMFILE (this connection) or ENFILE (the server) unless ``n`` more fds fit."""
+        """Raise EMFILE (this connection or its peer) or ENFILE (the server) unless ``n``
+        more fds fit."""
         budget = self.budget
         if self.fds_used + n > self.fds:
             budget.log.warning("emfile", "ninep: %s: %d fds open for its fids (max_connection_fds); "
                                "answered EMFILE", self.peer, self.fds_used)
             raise OSError(errno.EMFILE, "too many files open on this connection")
+        if self.share.fds_used + n > self.share.fds:
+            budget.log.warning("emfile-peer", "ninep: %s: %d fds open for the fids of its peer's "
+                               "connections (max_peer_fds); answered EMFILE", self.peer,
+                               self.share.fds_used)
+            raise OSError(errno.EMFILE, "too many files open for this peer")
         if budget.fds_used + n > budget.fds:
             budget.log.warning("enfile", "ninep: %d fds open for fids on all connections "
                                "(max_fds); %s answered ENFILE", budget.fds_used, self.peer)
@@ -146,4 +179,5 @@ class Account:
 
     def add_fds(self, n: int) -> None:
         self.fds_used += n
+        self.share.fds_used += n
         self.budget.fds_used += n

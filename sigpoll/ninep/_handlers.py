@@ -93,8 +93,7 @@ class FileFid:
         self.account = account
         #: Descriptors it keeps open (its handle's, its open file's), and state bytes.
         self.fds = 1
-        account.fds_used += 1
-        account.budget.fds_used += 1
+        account.add_fds(1)
         self.state = 0
         self.open_fd: int | None = None
         self.xattr = xattr
@@ -121,8 +120,7 @@ class FileFid:
             self.handle = None
         account = self.account
         if self.fds:
-            account.fds_used -= self.fds
-            account.budget.fds_used -= self.fds
+            account.add_fds(-self.fds)
             self.fds = 0
         if self.state:
             account.drop_state(self.state)
@@ -252,9 +250,8 @@ def _new_fid(ctx: Serving, h: Handle, uid: int, xattr: bytes | None = None) -> F
 
 def _fd_room(ctx: Serving) -> None:
     """Raise EMFILE/ENFILE unless one more fd fits this connection's and server's budget."""
-    a = ctx.account
-    if a.fds_used >= a.fds or a.budget.fds_used >= a.budget.fds:
-        a.check_fds()
+    if not ctx.account.room_for_fds():
+        ctx.account.check_fds()
 
 
 # ---------------------------------------------------------------------------- session

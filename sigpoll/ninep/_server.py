@@ -50,7 +50,7 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from . import _codec as c
-from ._budget import Account, Budget
+from ._budget import Account, Budget, PeerShare
 from ._codec import Message
 from ._fs import Export
 from ._handlers import FAST, HANDLERS, Defer, FileFid, Handler, error_reply, retry_eintr
@@ -117,7 +117,8 @@ class Limits:
     bounds what one connection's fids keep between requests (xattr values: ENOMEM past
     it).  ``max_fds``: descriptors all fids may hold (None: RLIMIT_NOFILE's soft limit less
     :data:`FD_RESERVE`), ``max_connection_fds`` one connection's fids (None: an eighth of
-    that, at least 64): ENFILE and EMFILE past them.  ``version_timeout``: seconds a
+    that, at least 64) and ``max_peer_fds`` all of one peer's (None: half of ``max_fds``):
+    ENFILE and EMFILE past them.  ``version_timeout``: seconds a
     connection has to negotiate a version before it is closed.
     ``max_threads_per_peer``: worker threads one peer's calls may hold at once (None: half
     the pool, at least one), so calls that never return cannot take the whole pool.
@@ -135,6 +136,7 @@ class Limits:
     max_connection_fds: int | None = None
     version_timeout: float = 10.0
     max_threads_per_peer: int | None = None
+    max_peer_fds: int | None = None
     max_queued_output: int | None = None
 
     def __post_init__(self) -> None:
@@ -180,6 +182,9 @@ class NinepServer:
     ``limits``: see :class:`Limits`.  ``inline``: run cheap calls on the loop (see the
     module docstring); turn it off for an export on a file system whose metadata calls
     may hang (a network file system), so that only pool threads ever wait on it.
+    ``require_privileged_port``: refuse a TCP peer whose source port is 1024 or above
+    (only root can bind below it: with Linux's ``privport`` mount option, this keeps a
+    guest's unprivileged users from attaching on their own).
 
     Use :meth:`start_tcp`, :meth:`start_unix` or :meth:`serve_fds` inside a running
     loop; :meth:`close` ends everything.
@@ -188,7 +193,8 @@ class NinepServer:
     def __init__(self, root: str | os.PathLike[str], *, read_only: bool = False,
                  squash_uid: int | None = None, squash_gid: int | None = None,
                  msize: int = DEFAULT_MSIZE, workers: int = 8,
-                 limits: Limits | None = None, inline: bool = True) -> None:
+                 limits: Limits | None = None, inline: bool = True,
+                 require_privileged_port: bool = False) -> None:
         if not isinstance(msize, int) or msize < MIN_MSIZE or msize > 0xFFFFFFFF:
             raise ValueError(f"msize must be an integer from {MIN_MSIZE} to 4294967295")
         if not isinstance(workers, int) or workers < 1:
@@ -198,6 +204,7 @@ class NinepServer:
         self.msize = msize
         self.limits = limits = limits if limits is not None else Limits()
         self.inline = inline
+        self.require_privileged_port = require_privileged_port
         self._pool = WorkerPool(workers)
         share = limits.max_threads_per_peer or max(1, workers // 2)
         self._scheduler = Scheduler(workers, min(share, workers))
@@ -208,12 +215,16 @@ class NinepServer:
         #: Descriptors all fids may hold, and one connection's fids.
         self.max_fds = limits.max_fds or max(64, soft - FD_RESERVE)
         self.max_connection_fds = limits.max_connection_fds or max(64, self.max_fds // 8)
+        #: And all connections of one peer: half the server's, so no one peer takes it all.
+        self.max_peer_fds = limits.max_peer_fds or max(self.max_connection_fds, self.max_fds // 2)
         self.budget = Budget(limits.max_server_memory, self.max_fds)
         self.budget.on_release = self._memory_released
         self._servers: list[asyncio.AbstractServer] = []
+        # Unix socket paths we made, with their inodes (removed on close if still ours).
+        self._unix_paths: list[tuple[str, int]] = []
         self.connections: set[_Connection] = set()
-        # Peer -> its connections.
-        self._peers: dict[Hashable, int] = {}
+        # Peer -> what its connections hold together (and how many there are).
+        self._peers: dict[Hashable, PeerShare] = {}
         self._wake_due = False
         # Message class -> time.monotonic() until which it runs in the pool, after an
         # inline call of that class went over INLINE_BUDGET.
@@ -242,11 +253,14 @@ class NinepServer:
         return srv
 
     async def start_unix(self, path: str) -> asyncio.AbstractServer:
-        """Listen on a unix socket at ``path``."""
-        loop = asyncio.get_running_loop()
-        srv = await loop.create_unix_server(lambda: self.protocol(), path)
-        self._servers.append(srv)
-        return srv
+        """Listen on a unix socket at ``path`` (mode 0600; a stale socket file there is
+        replaced, any other file is an error); :meth:`close` removes it if it is still
+        the one made here."""
+        from .._unixsock import listen_unix
+
+        sock = listen_unix(path, backlog=64)
+        self._unix_paths.append((path, os.stat(path).st_ino))
+        return await self.start_socket(sock)
 
     async def serve_fds(self, rfd: int, wfd: int | None = None) -> None:
         """Serve one connection on inherited descriptors until the peer hangs up.
@@ -300,28 +314,41 @@ class NinepServer:
             conn.abandon()
         self._pool.shutdown()
         self.export.close()
+        for path, ino in self._unix_paths:
+            try:
+                if os.lstat(path).st_ino == ino:
+                    os.unlink(path)
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ connections
 
     def _admit(self, conn: _Connection) -> str | None:
         """Count ``conn`` in, or say why not (it is then closed)."""
         limits = self.limits
+        if self.require_privileged_port:
+            name = conn.transport.get_extra_info("peername") if conn.transport else None
+            if isinstance(name, tuple) and len(name) >= 2 and name[1] >= 1024:
+                return f"source port {name[1]} is not privileged (require_privileged_port)"
         if len(self.connections) >= limits.max_connections:
             return f"already {len(self.connections)} connections (max_connections)"
-        n = self._peers.get(conn.peer_key, 0)
-        if n >= limits.max_connections_per_peer:
-            return f"already {n} connections from that peer (max_connections_per_peer)"
-        self._peers[conn.peer_key] = n + 1
+        share = self._peers.get(conn.peer_key)
+        if share is None:
+            share = self._peers[conn.peer_key] = PeerShare(self.max_peer_fds)
+        if share.connections >= limits.max_connections_per_peer:
+            return (f"already {share.connections} connections from that peer "
+                    "(max_connections_per_peer)")
+        share.connections += 1
+        conn.account.share = share
         self.connections.add(conn)
         return None
 
     def _forget(self, conn: _Connection) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
-            n = self._peers[conn.peer_key] - 1
-            if n:
-                self._peers[conn.peer_key] = n
-            else:
+            share = self._peers[conn.peer_key]
+            share.connections -= 1
+            if not share.connections and not share.fds_used:
                 del self._peers[conn.peer_key]
         self.budget.waiting.pop(conn, None)
         self._scheduler.forget(conn)
@@ -497,6 +524,7 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         # A read pipe transport has no abort(); closing it drops its buffered input too.
+        # One already closing is left alone (asyncio's abort() is not idempotent).
         for t in (self.transport, self._writer if self._writer is not self.transport else None):
             if t is not None and not t.is_closing():
                 getattr(t, "abort", t.close)()
@@ -512,7 +540,8 @@ class _Connection(asyncio.Protocol):
         self._backlog.clear()
         self.account.give(self._unsent)
         self._out_bytes = self._unsent = 0
-        if self._writer is not None and self._writer is not self.transport:
+        if (self._writer is not None and self._writer is not self.transport
+                and not self._writer.is_closing()):
             self._writer.close()
         if self.refused:
             if not self.closed.done():
