@@ -178,11 +178,11 @@ def export(tmp_path: Path) -> Path:
     return d
 
 
-# Per-connection memory, docs/reliability.md: the budget (8 MiB by default) plus one
-# request (2 msize + 2 KiB), plus the read side (one partial frame, msize, and one read
-# of at most 256 KiB).
+# Per-connection memory, docs/reliability.md: the budget (8 MiB by default), one request
+# past it (2 msize + 2 KiB), a batch of replies being joined (twice 256 KiB), and the read
+# side (one partial frame, at most msize, and one read of at most 256 KiB).
 def _connection_bound(msize: int = MSIZE) -> int:
-    return 8 * MiB + 3 * msize + 2048 + 256 * 1024
+    return 8 * MiB + 3 * msize + 2048 + 3 * 256 * 1024
 
 
 # ----------------------------------------------------------------------------- memory

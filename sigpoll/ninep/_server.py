@@ -74,6 +74,9 @@ CLOSE_WAIT = 0.5
 #: Replies at least this big are written on their own instead of joined into a batch
 #: (joining would copy them once more for nothing).
 _BIG_REPLY = 16 * 1024
+#: A batch of replies is written once it holds this many bytes (joining copies it, so a
+#: larger batch would briefly take twice its size).
+_BATCH_MAX = 256 * 1024
 #: Bytes charged per request besides its frame and reply: the Python objects that stand
 #: for it while it is in flight (message, request, task), measured at well under this.
 REQUEST_OVERHEAD = 1024
@@ -735,7 +738,9 @@ class _Connection(asyncio.Protocol):
         # Batched: counted against this connection's budget (_out_bytes) until written.
         self._out.append(data)
         self._out_bytes += n
-        if not self._batching and not self._flush_due:
+        if self._out_bytes >= _BATCH_MAX:
+            self._flush_out()
+        elif not self._batching and not self._flush_due:
             # Replies finishing in the same loop iteration share one write.
             self._flush_due = True
             self._loop.call_soon(self._flush_out)
