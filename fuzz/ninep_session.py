@@ -104,8 +104,8 @@ class _Run:
         self.queued: list[Request] = []
         self.running: list[Request] = []
         self.aborted: set[Request] = set()
-        #: errno code of a reply the harness made -> the request it was made for.
-        self.made: dict[int, Request] = {}
+        #: errno code of a reply the harness made -> the message it was made for.
+        self.made: dict[int, c.Message] = {}
         self.next_code = 1000
         #: Bytes handed in with messages and handed back (Session.receive's ``held``).
         self.held = 0
@@ -115,18 +115,16 @@ class _Run:
 
     def receive(self, msg: c.Message, at_once: bool = False) -> None:
         self.client.sent(msg)
+        if at_once:
+            # The inline path: answered before the next message is looked at.
+            if self.session.may_answer(msg):
+                self._replied([self._reply_for(msg)])
+            self._check(self.session.take())
+            return
         self.held += 3
         req = self.session.receive(msg, held=3)
         if req is not None:
             assert req.state is QUEUED and req.msg is msg
-            if at_once:
-                # The inline path: answered before the next message is looked at.
-                reply = self._reply_for(req)
-                self._check(self.session.take())
-                if self.session.answered_at_once(req):
-                    self._replied([reply])
-                self._check(self.session.take())
-                return
             self.queued.append(req)
         self._check(self.session.take())
         if isinstance(msg, c.Tversion) and not self.client.closed:
@@ -183,10 +181,10 @@ class _Run:
 
     # ------------------------------------------------------------------ checks
 
-    def _reply_for(self, req: Request) -> c.Message | bytes:
+    def _reply_for(self, req: Request | c.Message) -> c.Message | bytes:
         code = self.next_code
         self.next_code += 1
-        self.made[code] = req
+        self.made[code] = req.msg if isinstance(req, Request) else req
         reply = c.Rlerror(code, tag=req.tag)
         return c.encode(reply) if code % 2 else reply
 
@@ -212,8 +210,8 @@ class _Run:
             reply = raw if isinstance(raw, c.Message) else c.decode(raw)  # type: ignore[arg-type]
             asked = self.client.got(reply)
             if isinstance(reply, c.Rlerror) and reply.ecode >= 1000:
-                req = self.made.pop(reply.ecode)
-                assert req.msg is asked, f"{reply!r} was made for {req!r}, not {asked!r}"
+                made = self.made.pop(reply.ecode)
+                assert made is asked, f"{reply!r} was made for {made!r}, not {asked!r}"
 
 
 class _FakeFid:

@@ -93,7 +93,9 @@ class FileFid:
         self.account = account
         #: Descriptors it keeps open (its handle's, its open file's), and state bytes.
         self.fds = 1
-        account.add_fds(1)
+        account.fds_used += 1  # Account.add_fds(1), spelled out: a walk makes one of these
+        account.share.fds_used += 1
+        account.budget.fds_used += 1
         self.state = 0
         self.open_fd: int | None = None
         self.xattr = xattr
@@ -250,8 +252,10 @@ def _new_fid(ctx: Serving, h: Handle, uid: int, xattr: bytes | None = None) -> F
 
 def _fd_room(ctx: Serving) -> None:
     """Raise EMFILE/ENFILE unless one more fd fits this connection's and server's budget."""
-    if not ctx.account.room_for_fds():
-        ctx.account.check_fds()
+    a = ctx.account
+    if (a.fds_used >= a.fds or a.share.fds_used >= a.share.fds
+            or a.budget.fds_used >= a.budget.fds):  # Account.room_for_fds(), spelled out
+        a.check_fds()
 
 
 # ---------------------------------------------------------------------------- session

@@ -810,6 +810,41 @@ class _Connection(asyncio.Protocol):
         except c.ProtocolError:  # the framer checked the size: cannot happen
             self.abort()
             return
+        cls = type(msg)
+        server = self.server
+        handler: Handler | None = None
+        fast = FAST.get(cls) if server.inline else None
+        if fast is not None and server._inline_ok(cls):
+            # Answered before the next frame is looked at, so nothing can abort it or
+            # come between it and its reply: the session registers nothing for it.
+            if not session.may_answer(msg):
+                self._act()  # an error, or a tag in flight: the session has answered
+                return
+            self.self_timed = False
+            t0 = time.perf_counter()
+            try:
+                reply = fast(self, msg, session.fids)
+            except Exception as exc:  # noqa: BLE001 - answered with its errno
+                reply = error_reply(exc, msg)
+            took = time.perf_counter() - t0
+            if took > INLINE_BUDGET and self._batching and not self.self_timed:
+                # The loop thread sleeps nowhere else within a batch, so a sleep since
+                # the batch began was this call waiting for the file system.
+                now = _sleeps()
+                if now != self._sleeps_mark:
+                    server._demote(cls, took)
+                    self._sleeps_mark = now
+            if isinstance(reply, Defer):
+                handler = reply.handler
+            elif reply is not None:
+                if isinstance(reply, Message):
+                    reply.tag = msg.tag
+                    self._send(reply)
+                else:
+                    self._emit(reply)
+                return
+            # None or Defer: this one needs the pool after all (data not cached, not a
+            # regular file...); it takes the ordinary path below.
         req = session.receive(msg)
         if req is None:
             if isinstance(msg, c.Tflush):
@@ -824,40 +859,6 @@ class _Connection(asyncio.Protocol):
                     self._version_timer = None
             self._act()
             return
-        cls = type(msg)
-        server = self.server
-        handler: Handler | None = None
-        if server.inline:
-            fast = FAST.get(cls)
-            if fast is not None and server._inline_ok(cls):
-                # Run to completion before the next frame is looked at, so nothing can
-                # abort it meanwhile: no Session.start() needed.
-                self.self_timed = False
-                t0 = time.perf_counter()
-                try:
-                    reply = fast(self, msg, req.fids)
-                except Exception as exc:  # noqa: BLE001 - answered with its errno
-                    reply = error_reply(exc, msg)
-                took = time.perf_counter() - t0
-                if took > INLINE_BUDGET and self._batching and not self.self_timed:
-                    # The loop thread sleeps nowhere else within a batch, so a sleep
-                    # since the batch began was this call waiting for the file system.
-                    now = _sleeps()
-                    if now != self._sleeps_mark:
-                        server._demote(cls, took)
-                        self._sleeps_mark = now
-                if isinstance(reply, Defer):
-                    handler = reply.handler
-                elif reply is not None:
-                    if session.answered_at_once(req):
-                        if isinstance(reply, Message):
-                            reply.tag = msg.tag
-                            self._send(reply)
-                        else:
-                            self._emit(reply)
-                    return
-                # None or Defer: this one needs the pool after all (data not cached,
-                # not a regular file...); it takes the ordinary path below.
         if handler is None:
             handler = HANDLERS.get(cls)
             if handler is None:

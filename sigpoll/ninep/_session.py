@@ -247,7 +247,8 @@ class Session(Generic[F]):
 
     def receive(self, msg: Message, held: int = 0) -> Request | None:
         """Take one T-message.  Returns a queued request for the connection to run
-        (start it with :meth:`start`), or None when the session dealt with it.
+        (start it with :meth:`start`), or None when the session dealt with it (see also
+        :meth:`may_answer`, for a message answered before the next one is taken).
 
         ``held``: bytes the connection holds for this message; :meth:`take_freed` hands
         them back once the message is over (answered, aborted or dropped), whatever it
@@ -319,17 +320,19 @@ class Session(Generic[F]):
         if req.flushers:
             self._answer_flushes(req)
 
-    def answered_at_once(self, req: Request) -> bool:
-        """:meth:`complete` for a request answered before the next message was taken
-        (nothing can have flushed it or started a new session meanwhile): True, send the
-        reply yourself; False, send nothing (the session is closed)."""
-        if self.pending.get(req.tag) is req:
-            del self.pending[req.tag]
-        req.state = DONE
-        if req.held:
-            self.freed += req.held
-            req.held = 0
-        return not self.closed
+    def may_answer(self, msg: Message) -> bool:
+        """For a connection that would answer ``msg`` before it takes the next message
+        (its inline path): True if that is allowed -- a request of a live session under
+        a free tag -- and then the session registers nothing, since nothing can come
+        between it and its reply; the connection sends the reply itself, or, if it turns
+        out the request must wait after all, hands it to :meth:`receive`.  False: the
+        session dealt with ``msg`` as :meth:`receive` would have."""
+        cls = type(msg)
+        if (msg.tag in self.pending or not self.versioned or cls.REPLY is None or self.closed
+                or cls is Tversion or cls is Tflush):
+            self._unusual(msg, 0)
+            return False
+        return True
 
     def _answer_flushes(self, req: Request) -> None:
         # Depth first, in arrival order: each Rflush, then the Rflushes waiting on it; a
