@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import free_port
+from sigpoll.ninep._testing import free_port, wait_listening
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
@@ -46,15 +46,8 @@ class Server:
             [sys.executable, str(HERE / "_ninep_proc.py"), "serve", str(export),
              "--listen", f"127.0.0.1:{self.port}", *args],
             stdout=subprocess.DEVNULL, stderr=self._log, env=env)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start: {self.log()}") from None
-                time.sleep(0.05)
+        if not wait_listening(self.port, self.proc, 20):
+            raise RuntimeError(f"server did not start: {self.log()}")
         time.sleep(0.3)  # let it settle before the baseline is read
         self.baseline_rss = self.status("VmRSS")
 
