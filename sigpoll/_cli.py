@@ -439,15 +439,15 @@ def check_fd(fd: int, *, read: bool = False, write: bool = False, what: str = ""
         if exc.errno == errno.EBADF:
             raise UsageError(f"{name} is not an open file descriptor") from None
         raise UsageError(f"{name}: {exc.strerror}") from None
+    why = unpollable(fd)
+    if why is not None:
+        raise UsageError(f"{name} is {why}, which cannot be watched for input: "
+                         "give a socket, a pipe or a tty")
     access = flags & os.O_ACCMODE
     if read and access == os.O_WRONLY:
         raise UsageError(f"{name} is open for writing only; it must be readable")
     if write and access == os.O_RDONLY:
         raise UsageError(f"{name} is open for reading only; it must be writable")
-    why = unpollable(fd)
-    if why is not None:
-        raise UsageError(f"{name} is {why}, which cannot be watched for input: "
-                         "give a socket, a pipe or a tty")
 
 
 # -- messages --------------------------------------------------------------------------------
@@ -515,17 +515,18 @@ def setup_logging(args: argparse.Namespace | None = None, *, quiet: bool = False
         quiet = bool(getattr(args, "quiet", False))
         verbose = int(getattr(args, "verbose", 0) or 0)
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    root = logging.getLogger("sigpoll")
     if _handler is None:
         _handler = _Handler()
-        root.addHandler(_handler)
-        root.propagate = False
-    root.setLevel(level)
-    if verbose >= 2:
-        asyncio_log = logging.getLogger("asyncio")
-        asyncio_log.setLevel(logging.DEBUG)
-        if _handler not in asyncio_log.handlers:
-            asyncio_log.addHandler(_handler)
+        logging.getLogger("sigpoll").addHandler(_handler)
+    _handler.setLevel(level)
+    # The logger is only ever opened up (never raised above INFO), so a command run inside
+    # another program (a test) does not hide that program's records.
+    for name in ("sigpoll", "asyncio") if verbose >= 2 else ("sigpoll",):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET or logger.level > min(level, logging.INFO):
+            logger.setLevel(min(level, logging.INFO))
+        if name == "asyncio" and _handler not in logger.handlers:
+            logger.addHandler(_handler)
 
 
 class Progress:
