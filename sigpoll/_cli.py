@@ -506,10 +506,29 @@ class _Handler(logging.Handler):
 _handler: _Handler | None = None
 
 
-def setup_logging(args: argparse.Namespace | None = None, *, quiet: bool = False,
-                  verbose: int = 0) -> None:
+class _OthersQuieter(logging.Filter):
+    """Informational records only from the command's own loggers; others' from warnings up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.own = ""
+        self.others_level = logging.WARNING
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.own or record.name == self.own or record.name.startswith(self.own + "."):
+            return True
+        return record.levelno >= self.others_level
+
+
+def setup_logging(args: argparse.Namespace | None = None, *, own: str | None = None,
+                  quiet: bool = False, verbose: int = 0) -> None:
     """Send the ``sigpoll`` loggers' records to stderr in the commands' format, at the
-    level ``-q``/``-v`` asked for (from ``args`` when given).  Idempotent."""
+    level ``-q``/``-v`` asked for (from ``args`` when given).
+
+    ``own`` is the command's logger (``sigpoll.soak``): its informational lines show by
+    default; the libraries it uses (``sigpoll.ninep``...) say only warnings and errors
+    unless ``-v``.  Idempotent.
+    """
     global _handler
     if args is not None:
         quiet = bool(getattr(args, "quiet", False))
@@ -517,8 +536,13 @@ def setup_logging(args: argparse.Namespace | None = None, *, quiet: bool = False
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     if _handler is None:
         _handler = _Handler()
+        _handler.addFilter(_OthersQuieter())
         logging.getLogger("sigpoll").addHandler(_handler)
     _handler.setLevel(level)
+    for f in _handler.filters:
+        if isinstance(f, _OthersQuieter):
+            f.own = own or ""
+            f.others_level = level if verbose else max(level, logging.WARNING)
     # The logger is only ever opened up (never raised above INFO), so a command run inside
     # another program (a test) does not hide that program's records.
     for name in ("sigpoll", "asyncio") if verbose >= 2 else ("sigpoll",):

@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line: parse ``argv``, attach or run, and return the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    setup_logging(args)
+    setup_logging(args, own="sigpoll.console")
     if not os.isatty(0):
         parser.error("standard input is not a terminal: attach and run join your terminal "
                      "to the console, so run them in one")

@@ -153,7 +153,7 @@ def _is_fifo(fd: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    setup_logging(args)
+    setup_logging(args, own="sigpoll.ninep")
     if args.unix is not None:
         args.listen = ("unix", args.unix)
     try:

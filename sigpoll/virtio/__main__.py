@@ -240,7 +240,7 @@ async def _serve(args: argparse.Namespace, device: ConsoleDevice, backend: Vhost
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    setup_logging(args)
+    setup_logging(args, own="sigpoll.virtio")
     return run_command(_console(args), busy_poll_us=args.busy_poll_us, logger=log)
 
 
