@@ -342,8 +342,7 @@ def host_port(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-#: The kernel's limit for a unix socket path (sun_path is 108 bytes with its terminating NUL).
-MAX_UNIX_PATH = 107
+from ._unixsock import MAX_PATH as MAX_UNIX_PATH  # noqa: E402
 
 
 def _check_unix_path(path: str, text: str) -> str:

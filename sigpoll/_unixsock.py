@@ -25,9 +25,11 @@ import socket
 import stat
 import struct
 
-__all__ = ["UnixListener", "listen_unix", "peer_allowed", "peer_uid", "remove_unix"]
+__all__ = ["MAX_PATH", "UnixListener", "listen_unix", "peer_allowed", "peer_uid", "remove_unix"]
 
 _UCRED = struct.Struct("iII")  # pid, uid, gid
+#: The longest unix socket path the kernel takes (sun_path is 108 bytes with its NUL).
+MAX_PATH = 107
 log = logging.getLogger("sigpoll.unixsock")
 
 
@@ -93,6 +95,8 @@ def listen_unix(path: str, *, backlog: int = 4, mode: int = 0o600,
     With ``owner_only`` (the default) connections from other users are refused as they are
     accepted (see :class:`UnixListener`).
     """
+    if len(os.fsencode(path)) > MAX_PATH:
+        raise OSError(errno.ENAMETOOLONG, f"a unix socket path is at most {MAX_PATH} bytes", path)
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)

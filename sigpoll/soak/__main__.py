@@ -59,6 +59,8 @@ def render(report: SoakReport, *, interrupted: bool = False) -> str:
 
 def progress_line(report: SoakReport, total: float) -> str:
     """The live line: time, what each stream moved, what went wrong so far, RSS."""
+    if not report.rss_kib:  # the first sample is taken once the traffic starts
+        return f"soak: starting the guest ({report.seconds:.0f}s)"
     # The host->guest streams are counted by the guest, which says so at the end.
     moved = "  ".join(f"{name} {s.bytes / 1e6:.1f}MB" for name, s in report.streams.items()
                       if report.settled or "host->guest" not in name)
@@ -94,7 +96,7 @@ async def _run(args: argparse.Namespace, report: SoakReport, bar: Progress) -> i
         await soak(seconds, kernel=args.kernel, mem=format_size(args.mem), interval=args.interval,
                    status=log.info, report=report,
                    progress=lambda r: bar.update(progress_line(r, seconds)))
-    except GuestError as exc:
+    except (GuestError, OSError) as exc:
         log.error("cannot run the guest: %s", exc)
         return None
     return 0 if report.ok else 1
