@@ -163,18 +163,10 @@ class ModeTracker:
         for mode, on in sorted(self.private.items()):
             if mode != 25 and on != _PRIVATE_DEFAULTS[mode]:
                 out.append(b"\x1b[?%d%s" % (mode, b"h" if _PRIVATE_DEFAULTS[mode] else b"l"))
-        if self.insert:
-            out.append(b"\x1b[4l")
-        if self.keypad:
-            out.append(b"\x1b>")
-        if self.charset:
-            out.append(b"\x1b(B")
-        if self.shifted:
-            out.append(b"\x0f")
-        if self.sgr:
-            out.append(b"\x1b[0m")
-        if self.cursor_style:
-            out.append(b"\x1b[0 q")
+        for changed, undo in ((self.insert, b"\x1b[4l"), (self.keypad, b"\x1b>"), (self.charset, b"\x1b(B"),
+                              (self.shifted, b"\x0f"), (self.sgr, b"\x1b[0m"), (self.cursor_style, b"\x1b[0 q")):
+            if changed:
+                out.append(undo)
         if self.alt_screen:
             out.append(b"\x1b[?%dl" % self.alt_screen)  # 1049 also restores the cursor
         if self.private.get(25) is False:

@@ -7,6 +7,7 @@ package (wheel, sdist, scripts) in test_packaging.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,24 @@ COMMANDS = ["console", "ninep", "virtio", "stress", "soak"]
 def _run(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
     kw.setdefault("stdin", subprocess.DEVNULL)
     return subprocess.run([PY, "-m", *argv], capture_output=True, text=True, timeout=60, **kw)  # type: ignore[call-overload, no-any-return]
+
+
+@contextlib.contextmanager
+def _started(argv: list[str], **kw: object) -> Iterator[subprocess.Popen[bytes]]:
+    """A command started for a test, killed if the test leaves it running."""
+    proc = subprocess.Popen(argv, **kw)  # type: ignore[call-overload]
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _until(ready: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _one_error_line(out: subprocess.CompletedProcess[str], module: str) -> str:
@@ -279,12 +299,9 @@ def test_ninep_unix_never_deletes_a_file_nor_takes_over_a_live_server(tmp_path: 
     assert precious.read_text() == "keep"
 
     sock = tmp_path / "9p.sock"
-    first = subprocess.Popen([PY, "-m", "sigpoll.ninep", "serve", str(tmp_path), "--listen", f"unix:{sock}", "-q"],
-                             stderr=subprocess.PIPE, text=True, env={**os.environ}, preexec_fn=lambda: os.umask(0))
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with _started([PY, "-m", "sigpoll.ninep", "serve", str(tmp_path), "--listen", f"unix:{sock}", "-q"],
+                  preexec_fn=lambda: os.umask(0)) as first:
+        _until(sock.exists)
         assert (sock.stat().st_mode & 0o777) == 0o600  # whatever the umask
         second = _run("sigpoll.ninep", "serve", str(tmp_path), "--listen", f"unix:{sock}")
         assert "another server is listening there" in _one_error_line(second, "sigpoll.ninep")
@@ -302,10 +319,6 @@ def test_ninep_unix_never_deletes_a_file_nor_takes_over_a_live_server(tmp_path: 
         assert asyncio.run(use()) == b"keep"  # the first server still serves
         first.send_signal(signal.SIGTERM)
         assert first.wait(30) == 143
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     assert not sock.exists()
 
 
@@ -352,13 +365,10 @@ def test_virtio_console_runs_as_a_service_with_stdin_and_stdout_not_terminals(st
     out_file = tmp_path / "out"
     source = tmp_path / "in"
     source.write_bytes(b"typed ahead\n")
-    with open(os.devnull if stdin == "devnull" else source, "rb") as i, open(out_file, "wb") as o:
-        proc = subprocess.Popen([PY, "-m", "sigpoll.virtio", "console", "--socket", str(sock)],
-                                stdin=i, stdout=o, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with open(os.devnull if stdin == "devnull" else source, "rb") as i, open(out_file, "wb") as o, \
+            _started([PY, "-m", "sigpoll.virtio", "console", "--socket", str(sock)],
+                     stdin=i, stdout=o, stderr=subprocess.PIPE) as proc:
+        _until(lambda: sock.exists() or proc.poll() is not None)
         assert proc.poll() is None
         fe = Frontend(str(sock), mem_size=16 << 20)
         fe.handshake()
@@ -368,19 +378,12 @@ def test_virtio_console_runs_as_a_service_with_stdin_and_stdout_not_terminals(st
         if stdin == "file":
             assert drv.read(0, 12) == b"typed ahead\n"
         drv.write(0, b"from the guest\n")
-        deadline = time.monotonic() + 20
-        while b"from the guest" not in out_file.read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _until(lambda: b"from the guest" in out_file.read_bytes())
         drv.write(0, b"and more after stdin ended\n")  # stdin's end did not end the port
-        while b"more after" not in out_file.read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _until(lambda: b"more after" in out_file.read_bytes())
         fe.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 143
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.stderr is not None
     err = proc.stderr.read().decode()
     assert "Traceback" not in err and "Exception" not in err, err
@@ -444,16 +447,11 @@ def test_virtio_verbose_has_help_and_bad_port_names_are_refused() -> None:
 
 
 def test_stress_says_what_it_does_before_it_starts() -> None:
-    proc = subprocess.Popen([PY, "-m", "sigpoll.stress", "xxd", "--seconds", "30", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _started([PY, "-m", "sigpoll.stress", "xxd", "--seconds", "30", "--json"],
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
         first = proc.stderr.readline()
         assert first.startswith("xxd /dev/zero into a pty"), first
         assert proc.poll() is None  # said while it runs, not at the end
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 130
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -89,23 +89,16 @@ def _parser() -> Parser:
     return p
 
 
-def _copy_in(source: int, sink: int) -> None:
-    """Plain blocking reads of ``source`` (a file, /dev/null, a pipe) into the pipe ``sink``."""
+def _copy(source: int, sink: int, close_source: bool = False) -> None:
+    """Everything from ``source`` to ``sink`` with plain blocking reads and writes, to EOF
+    (for files and /dev/null, which epoll refuses, and the pipes that stand in for them)."""
     with contextlib.suppress(OSError):
         while chunk := os.read(source, 65536):
             view = memoryview(chunk)
             while view:
                 view = view[os.write(sink, view):]
-
-
-def _copy_out(source: int, sink: int) -> None:
-    """Everything from the pipe ``source`` to ``sink`` (a file) with plain writes, to EOF."""
-    with contextlib.suppress(OSError):
-        while chunk := os.read(source, 65536):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(sink, view):]
-    os.close(source)
+    if close_source:
+        os.close(source)
 
 
 @contextlib.contextmanager
@@ -126,7 +119,7 @@ def _stdio_for_the_loop() -> Iterator[tuple[int, int]]:
         if not os.isatty(stdin):
             read_fd, feed = os.pipe2(os.O_CLOEXEC)
             ours.append(read_fd)
-            thread = threading.Thread(target=_copy_in, args=(stdin, feed), name="virtio-stdin",
+            thread = threading.Thread(target=_copy, args=(stdin, feed), name="virtio-stdin",
                                       daemon=True)
             thread.start()
             feeder = (thread, feed)
@@ -134,7 +127,7 @@ def _stdio_for_the_loop() -> Iterator[tuple[int, int]]:
         if unpollable(stdout) is not None:
             out_r, write_fd = os.pipe2(os.O_CLOEXEC)
             ours.append(write_fd)
-            drain = threading.Thread(target=_copy_out, args=(out_r, stdout), name="virtio-stdout",
+            drain = threading.Thread(target=_copy, args=(out_r, stdout, True), name="virtio-stdout",
                                      daemon=True)
             drain.start()
         yield read_fd, write_fd
