@@ -356,7 +356,7 @@ _PLAIN = "cat"
 # (Markers are printed with %s, so the echoed command line never matches them.)
 _FULL_SCREEN = ("read go; printf '\\033[?1049h\\033[2J\\033[5;20r\\033[?25l\\033[1;31m\\033[?2004h"
                 "full %s\\n' screen; cat")
-_SCROLL_REGION_ONLY = "read go; printf '\\033[3;10r\\033[4hregion %s\\n' set; cat"
+_SCROLL_REGION_ONLY = "read go; printf '\\033[3;10r\\033[4hregion %s\\n\\n\\n\\n' set; cat"
 
 
 @pytest.mark.parametrize("program, shows", [(_PLAIN, "typed"), (_FULL_SCREEN, "full screen"),
