@@ -412,3 +412,21 @@ def test_status_line_after_unfinished_output_starts_a_new_line(tmux: Tmux) -> No
     tmux.key("C-]")
     lines = tmux.wait_for("detached")
     assert "no newline" in [line.rstrip() for line in lines], lines
+
+
+def test_a_full_screen_program_that_exits_leaves_the_users_screen_back(tmux: Tmux) -> None:
+    """The program ends by itself while on the alternate screen with the cursor hidden: the
+    user's screen, its lines and a visible cursor come back, and the status line sits right
+    below where the cursor was when the program began."""
+    tmux.type("printf 'first\\nsecond\\nthird\\n'\n")
+    tmux.wait_for("third")
+    program = "read go; printf '\\033[?1049h\\033[?25l\\033[2Jbusy %s\\n' screen; sleep 0.5"
+    tmux.type(f"{PY} -m sigpoll.console run -- sh -c {shlex.quote(program)}\n")
+    lines = tmux.wait_for("escape is")
+    below_status = max(i for i, line in enumerate(lines) if "escape is" in line) + 1
+    tmux.type("go\r")
+    lines = tmux.wait_for("exited with status 0")
+    at = next(i for i, line in enumerate(lines) if "exited with status" in line)
+    assert at == below_status + 1 and lines[below_status].strip() == "go", lines
+    assert [line.strip() for line in lines].count("third") == 1 and not any("busy screen" in line for line in lines)
+    assert tmux.cursor()[2], "the cursor is hidden"
