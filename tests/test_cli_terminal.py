@@ -214,7 +214,8 @@ def test_ninep_serve_fd_on_pipes_stops_cleanly(how: str, status: int, tmp_path: 
         server = None
         while server is None and time.monotonic() < deadline:
             for pid in _children(s.child.pid):
-                if b"sigpoll.ninep" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                # (A child that has not exec'd yet still shows the shell's command line.)
+                if _cmdline(str(pid)).startswith(f"{PY}\0-m\0sigpoll.ninep\0".encode()):
                     server = pid
             time.sleep(0.05)
         assert server is not None
