@@ -54,8 +54,8 @@ class Session:
 
     def __init__(self, command: str, *, env: dict[str, str] | None = None, shell: str = "/bin/sh",
                  status: str = "$?", timeout: float = 60) -> None:
-        script = (f"trap : INT; stty -g; echo @@START@@; {command}; echo \"@@STATUS=%s@@\"; "
-                  f"stty -g; echo @@AFTER@@" % status)
+        script = (f"trap : INT; stty -g; echo @@START@@; {command}; echo \"@@STATUS={status}@@\"; "
+                  f"stty -g; echo @@AFTER@@")
         self.child = pexpect.spawn(shell, ["-c", script], timeout=timeout, dimensions=(30, 100),
                                    env=env or dict(os.environ))
         self.child.expect(r"([0-9a-f:]+)\r\n@@START@@")
@@ -431,3 +431,18 @@ def test_a_full_screen_program_that_exits_leaves_the_users_screen_back(tmux: Tmu
     assert at == below_status + 1 and lines[below_status].strip() == "go", lines
     assert [line.strip() for line in lines].count("third") == 1 and not any("busy screen" in line for line in lines)
     assert tmux.cursor()[2], "the cursor is hidden"
+
+
+def test_the_console_cannot_detach_the_user() -> None:
+    """Only what the user types detaches: the escape byte in the console's output is just output."""
+    s = Session(f"{PY} -m sigpoll.console run -- sh -c \"printf '\\\\035 still %s\\\\n' attached; cat\"")
+    try:
+        s.expect("still attached")
+        s.child.send("typed\r")
+        s.expect("typed")  # the bridge is still forwarding
+        assert b"detached" not in s.seen
+        s.child.send("\x1d")
+        s.expect("detached")
+        s.finish()
+    finally:
+        s.close()
