@@ -140,7 +140,7 @@ class Account:
         budget = self.budget
         if n and (self.state_used + n > self.memory or budget.state_used + n > budget.memory):
             budget.log.warning(
-                "state", "ninep: %s: fids would hold more than max_connection_memory or "
+                "state", "%s: fids would hold more than max_connection_memory or "
                 "max_server_memory; answered ENOMEM", self.peer)
             raise OSError(errno.ENOMEM, "too much held on this connection's fids")
         self.state_used += n
@@ -164,16 +164,16 @@ class Account:
         more fds fit."""
         budget = self.budget
         if self.fds_used + n > self.fds:
-            budget.log.warning("emfile", "ninep: %s: %d fds open for its fids (max_connection_fds); "
+            budget.log.warning("emfile", "%s: %d fds open for its fids (max_connection_fds); "
                                "answered EMFILE", self.peer, self.fds_used)
             raise OSError(errno.EMFILE, "too many files open on this connection")
         if self.share.fds_used + n > self.share.fds:
-            budget.log.warning("emfile-peer", "ninep: %s: %d fds open for the fids of its peer's "
+            budget.log.warning("emfile-peer", "%s: %d fds open for the fids of its peer's "
                                "connections (max_peer_fds); answered EMFILE", self.peer,
                                self.share.fds_used)
             raise OSError(errno.EMFILE, "too many files open for this peer")
         if budget.fds_used + n > budget.fds:
-            budget.log.warning("enfile", "ninep: %d fds open for fids on all connections "
+            budget.log.warning("enfile", "%d fds open for fids on all connections "
                                "(max_fds); %s answered ENFILE", budget.fds_used, self.peer)
             raise OSError(errno.ENFILE, "too many files open on this server")
 

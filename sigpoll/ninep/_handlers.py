@@ -202,7 +202,7 @@ def error_reply(exc: BaseException, msg: Message) -> c.Rlerror:
         # time past time_t): Python ints never overflow on their own, so it is the input.
         err = errno.EINVAL
     else:  # a bug must not kill the connection
-        log.error("ninep: %s failed", type(msg).__name__, exc_info=exc)
+        log.error("%s failed", type(msg).__name__, exc_info=exc)
         err = errno.EIO
     return c.Rlerror(err, tag=msg.tag)
 

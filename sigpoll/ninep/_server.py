@@ -382,7 +382,7 @@ class NinepServer:
         return True
 
     def _demote(self, cls: type[Message], took: float) -> None:
-        log.debug("ninep: inline %s took %.1f ms; to the pool for %.1f s", cls.__name__,
+        log.debug("inline %s took %.1f ms; to the pool for %.1f s", cls.__name__,
                   took * 1e3, DEMOTE_SECONDS)
         self._demoted[cls] = time.monotonic() + DEMOTE_SECONDS
 
@@ -504,7 +504,7 @@ class _Connection(asyncio.Protocol):
             # Nothing has been said on this connection yet, so there is no tag to answer
             # with an error: close it and say why where the operator will see it.
             self.refused = True
-            self.server.budget.log.warning("refuse", "ninep: refusing connection from %s: %s",
+            self.server.budget.log.warning("refuse", "refusing connection from %s: %s",
                                            self.peer, why)
             transport.close()
             if self._writer is not None:
@@ -515,13 +515,13 @@ class _Connection(asyncio.Protocol):
             self._set_write_limit(transport)
         self._version_timer = self._loop.call_later(self.limits.version_timeout,
                                                     self._version_expired)
-        log.info("ninep: connection from %s", self.peer)
+        log.info("connection from %s", self.peer)
 
     def _version_expired(self) -> None:
         self._version_timer = None
         if not self.session.versioned and not self.lost:
             self.server.budget.log.warning(
-                "version", "ninep: %s: no version negotiated within %g s (version_timeout); "
+                "version", "%s: no version negotiated within %g s (version_timeout); "
                 "closing", self.peer, self.limits.version_timeout)
             self.abort()
 
@@ -550,7 +550,7 @@ class _Connection(asyncio.Protocol):
             if not self.closed.done():
                 self.closed.set_result(None)
             return
-        log.info("ninep: connection from %s closed", self.peer)
+        log.info("connection from %s closed", self.peer)
         # Requests that have not reached the file system are dropped; running ones
         # finish in their threads and give back their fids, which then close.
         self.session.close()
@@ -581,7 +581,7 @@ class _Connection(asyncio.Protocol):
             self._backlog.extend(exc.frames)
             self._pump()
             self._backlog.clear()
-            log.warning("ninep: %s: %s; closing", self.peer, exc)
+            log.warning("%s: %s; closing", self.peer, exc)
             self.abort()
             return
         if frames:
@@ -772,7 +772,7 @@ class _Connection(asyncio.Protocol):
         try:
             data = c.encode(msg)
         except c.ProtocolError as exc:  # a reply we cannot encode is a bug: say so
-            log.error("ninep: cannot encode %r: %s", msg, exc)
+            log.error("cannot encode %r: %s", msg, exc)
             data = c.encode(c.Rlerror(errno.EIO, tag=msg.tag))
         self._emit(data)
 
@@ -785,7 +785,7 @@ class _Connection(asyncio.Protocol):
                 # Its place is given back now; the scheduler skips it when it comes up.
                 self.inflight -= 1
             elif isinstance(action, Close):
-                self.server.budget.log.warning("protocol", "ninep: %s: %s; closing",
+                self.server.budget.log.warning("protocol", "%s: %s; closing",
                                                self.peer, action.reason)
                 self._flush_out()
                 self.abort()
