@@ -360,7 +360,7 @@ class ConsoleDevice:
         q = self._ring(port.tx_queue)
         exhausted = q is None
         pushed = False
-        batch: list[bytes] = []
+        batch: list[bytes | bytearray] = []
         size = 0
         while q is not None:
             if not self._accepting(port, size):
@@ -472,7 +472,7 @@ class ConsoleDevice:
         q = self._ring(3)
         if q is None:
             return
-        msgs = []
+        msgs: list[bytes | bytearray] = []
         pushed = False
         while True:
             chain = q.pop()
@@ -481,7 +481,8 @@ class ConsoleDevice:
                     continue
                 break
             try:
-                msgs.append(chain.read_all())
+                # A control message is 8 bytes; a longer buffer is not copied beyond them.
+                msgs.append(chain.read_all(_CONTROL.size))
             finally:
                 chain.release()
             q.push(chain.head, 0)
@@ -491,7 +492,7 @@ class ConsoleDevice:
         for m in msgs:
             self._handle_control(m)
 
-    def _handle_control(self, msg: bytes) -> None:
+    def _handle_control(self, msg: bytes | bytearray) -> None:
         if len(msg) < _CONTROL.size:
             log.warning("short control message from the guest (%d bytes)", len(msg))
             return
