@@ -360,7 +360,7 @@ class ConsoleDevice:
         q = self._ring(port.tx_queue)
         exhausted = q is None
         pushed = False
-        batch: list[bytes | bytearray] = []
+        batch: list[bytes] = []
         size = 0
         while q is not None:
             if not self._accepting(port, size):
@@ -472,7 +472,7 @@ class ConsoleDevice:
         q = self._ring(3)
         if q is None:
             return
-        msgs: list[bytes | bytearray] = []
+        msgs: list[bytes] = []
         pushed = False
         while True:
             chain = q.pop()
@@ -492,7 +492,7 @@ class ConsoleDevice:
         for m in msgs:
             self._handle_control(m)
 
-    def _handle_control(self, msg: bytes | bytearray) -> None:
+    def _handle_control(self, msg: bytes) -> None:
         if len(msg) < _CONTROL.size:
             log.warning("short control message from the guest (%d bytes)", len(msg))
             return

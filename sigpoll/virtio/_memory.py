@@ -76,6 +76,8 @@ class GuestMemory:
 
     def __init__(self, regions: Sequence[tuple[int, int, Any]] = ()) -> None:
         self._regions: list[_Region] = []
+        self._scratch = ffi.new("char[]", 64 * 1024)  # copy_out's landing buffer, grown on demand
+        self._scratch_len = 64 * 1024
         for guest_addr, user_addr, buf in regions:
             view = memoryview(buf).cast("B")
             if view.readonly:
@@ -154,28 +156,38 @@ class GuestMemory:
         r, off = self._find(addr, length, False)
         return r.view[off : off + length], r.host + off if r.host else 0
 
-    def copy_out(self, views: Sequence[memoryview], hosts: Sequence[int], limit: int) -> bytearray | None:
+    def copy_out(self, views: Sequence[memoryview], hosts: Sequence[int], limit: int) -> bytes | None:
         """Up to ``limit`` bytes from the buffers ``views`` (at ``hosts``, from
-        :meth:`locate`) in one new buffer; None if the memory has gone."""
-        out = bytearray(min(limit, sum(len(v) for v in views)))
-        if not out:
-            return out
+        :meth:`locate`), joined; None if the memory has gone."""
+        if len(views) == 1:  # the common case, with the least Python around the copy
+            host = hosts[0]
+            n = min(limit, len(views[0]))
+            if not host:
+                return views[0][:n].tobytes()
+            buf = self._scratch if n <= self._scratch_len else self._grow_scratch(n)
+            if lib.sp_guest_read(buf, host, n) < 0:
+                return None
+            # The guarded copy lands in our own buffer; one more memcpy makes it bytes.
+            return ffi.unpack(buf, n)
+        total = min(limit, sum(len(v) for v in views))
+        buf = self._scratch if total <= self._scratch_len else self._grow_scratch(total)
         at = 0
-        dst = ffi.from_buffer(out)
-        try:
-            for view, host in zip(views, hosts):
-                n = min(len(view), len(out) - at)
-                if n <= 0:
-                    break
-                if host:
-                    if lib.sp_guest_read(dst + at, host, n) < 0:
-                        return None
-                else:
-                    out[at : at + n] = view[:n]
-                at += n
-        finally:
-            ffi.release(dst)
-        return out
+        for view, host in zip(views, hosts):
+            n = min(len(view), total - at)
+            if n <= 0:
+                break
+            if host:
+                if lib.sp_guest_read(buf + at, host, n) < 0:
+                    return None
+            else:
+                ffi.memmove(buf + at, view[:n], n)
+            at += n
+        return ffi.unpack(buf, total)
+
+    def _grow_scratch(self, n: int) -> Any:
+        self._scratch = ffi.new("char[]", n)
+        self._scratch_len = n
+        return self._scratch
 
     def copy_in(self, view: memoryview, host: int, offset: int, data: memoryview) -> bool:
         """Write ``data`` into the buffer ``view`` (at ``host``) from ``offset``; False if

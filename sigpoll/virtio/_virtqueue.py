@@ -145,7 +145,7 @@ class Chain:
     def writable_len(self) -> int:
         return sum(len(v) for v in self.writable)
 
-    def read_all(self, limit: int = MAX_CHAIN_BYTES) -> bytes | bytearray:
+    def read_all(self, limit: int = MAX_CHAIN_BYTES) -> bytes:
         """Copy out what the guest gave us to read, at most ``limit`` bytes.
 
         Empty if the guest's memory has gone (the queue is then broken)."""
