@@ -168,7 +168,8 @@ class GuestMemory:
             if lib.sp_guest_read(buf, host, n) < 0:
                 return None
             # The guarded copy lands in our own buffer; one more memcpy makes it bytes.
-            return ffi.unpack(buf, n)
+            data: bytes = ffi.unpack(buf, n)
+            return data
         total = min(limit, sum(len(v) for v in views))
         buf = self._scratch if total <= self._scratch_len else self._grow_scratch(total)
         at = 0
@@ -182,7 +183,8 @@ class GuestMemory:
             else:
                 ffi.memmove(buf + at, view[:n], n)
             at += n
-        return ffi.unpack(buf, total)
+        joined: bytes = ffi.unpack(buf, total)
+        return joined
 
     def _grow_scratch(self, n: int) -> Any:
         self._scratch = ffi.new("char[]", n)
