@@ -217,6 +217,7 @@ def test_one_chain_naming_the_same_megabyte_512_times_is_refused_not_copied(tmp_
             wait_for(_stopped_or_broken(b, fe, 1, 1), "the backend taking or refusing the chain")
             assert b.proc.poll() is None, b.stderr()
             grown = b.peak_rss() - before
+            print(f"peak RSS grew by {grown / MiB:.2f} MiB")
             assert grown < 16 * MiB, f"peak RSS grew by {grown / MiB:.0f} MiB"
             assert "bytes to read" in b.stderr()
         finally:
@@ -249,6 +250,7 @@ def test_a_port_stops_taking_buffers_while_its_backlog_is_full(tmp_path: Any) ->
             used += fe.used(tx)
             assert len(used) < 24, "a client that never reads took every chain"
             grown = b.peak_rss() - before
+            print(f"peak RSS grew by {grown / MiB:.2f} MiB, {len(used)} chains taken")
             assert grown < 32 * MiB, f"peak RSS grew by {grown / MiB:.0f} MiB ({len(used)} chains taken)"
             # Nothing was dropped: once the client reads, every chain's 1 MiB arrives.
             expected = bytes(fe.mem[buf : buf + (64 << 10)]) * 16
@@ -322,6 +324,7 @@ def test_sigterm_stops_the_backend_within_a_second_while_replies_are_unread(tmp_
             except subprocess.TimeoutExpired:
                 rc = None
             took = time.monotonic() - started
+            print(f"SIGTERM to exit: {took:.3f} s")
             assert rc == 0, (rc, b.stderr())
             # The promise is one second; the deadline here is generous for a busy machine.
             assert took < 2.5, f"SIGTERM took {took:.1f} s to stop the backend"
