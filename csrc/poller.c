@@ -27,6 +27,7 @@
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -82,6 +83,9 @@ struct sp_poller {
     int64_t poll_max_ns; /* busy-poll ceiling (0: off) */
     int64_t poll_ns;     /* current busy-poll budget, adapted after each wait */
 
+    int wakers;          /* sp_poller_wake() calls in flight (they take no lock) */
+    sp_poller *prev, *next; /* every poller of the process, for the fork hooks */
+
     sp_counters c;
 };
 
@@ -90,16 +94,44 @@ struct sp_poller {
 static uint64_t fork_generation;
 static __thread pid_t cached_tid;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static sp_poller *registry; /* every live poller, linked through prev/next */
+
+/*
+ * fork() copies a poller's lock in whatever state another thread left it.  So the fork
+ * takes every poller's lock first (no call holds one for long: waits drop it around
+ * epoll_wait), the parent then lets go, and the child starts with fresh locks, before
+ * any thread of its own exists.  The child's epoll set, signalfd and eventfd are still
+ * the parent's: each poller notices the new generation on its next call and builds its
+ * own, under its lock.
+ */
+static void on_fork_prepare(void)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (sp_poller *p = registry; p; p = p->next)
+        pthread_mutex_lock(&p->lock);
+}
+
+static void on_fork_parent(void)
+{
+    for (sp_poller *p = registry; p; p = p->next)
+        pthread_mutex_unlock(&p->lock);
+    pthread_mutex_unlock(&registry_lock);
+}
 
 static void on_fork_child(void)
 {
-    /* The child's epoll set, signalfd and eventfd are still the parent's; each poller
-     * notices the new generation on its next call and builds its own. */
+    for (sp_poller *p = registry; p; p = p->next) {
+        pthread_mutex_init(&p->lock, NULL);
+        p->waiters = 0; /* the parent's waiting threads do not exist here */
+        p->wakers = 0;
+    }
+    pthread_mutex_init(&registry_lock, NULL);
     __atomic_add_fetch(&fork_generation, 1, __ATOMIC_SEQ_CST);
     cached_tid = 0;
 }
 
-static void install_atfork(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+static void install_atfork(void) { pthread_atfork(on_fork_prepare, on_fork_parent, on_fork_child); }
 
 static pid_t current_tid(void)
 {
@@ -205,7 +237,7 @@ static int open_own_fds(sp_poller *p)
     p->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (p->epfd < 0)
         return -errno;
-    p->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    __atomic_store_n(&p->evfd, eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC), __ATOMIC_SEQ_CST);
     if (p->evfd < 0)
         return -errno;
     ev.events = EPOLLIN;
@@ -230,9 +262,16 @@ static void close_own_fds(sp_poller *p)
         close(p->epfd);
     if (p->sigfd >= 0)
         close(p->sigfd);
-    if (p->evfd >= 0)
-        close(p->evfd);
-    p->epfd = p->sigfd = p->evfd = -1;
+    p->epfd = p->sigfd = -1;
+    /* A wake() in flight may have read the eventfd's number already: wait until it is out
+     * before the number can name another file (wake() takes no lock, to stay
+     * async-signal-safe; it only spends a write() inside). */
+    int ev = __atomic_exchange_n(&p->evfd, -1, __ATOMIC_SEQ_CST);
+    if (ev >= 0) {
+        while (__atomic_load_n(&p->wakers, __ATOMIC_SEQ_CST))
+            sched_yield();
+        close(ev);
+    }
 }
 
 /*
@@ -247,8 +286,6 @@ static int check_fork(sp_poller *p)
     if (gen == p->fork_gen)
         return 0;
     p->fork_gen = gen;
-    pthread_mutex_init(&p->lock, NULL);
-    p->waiters = 0;
     close_own_fds(p);
     if (p->closed)
         return -ESHUTDOWN;
@@ -270,11 +307,12 @@ static int check_fork(sp_poller *p)
     return 0;
 }
 
-/* Enter a call: handles fork and closed state.  Returns with the lock held on success. */
+/* Enter a call: handles fork and closed state.  Returns with the lock held on success.
+ * The rebuild after a fork runs under the lock: another thread of the child waits for it. */
 static int enter(sp_poller *p)
 {
-    int rc = check_fork(p);
     pthread_mutex_lock(&p->lock);
+    int rc = check_fork(p);
     if (rc == 0 && p->closed)
         rc = -ESHUTDOWN;
     if (rc < 0) {
@@ -328,6 +366,12 @@ int sp_poller_new(int signo, int mode, int max_events, sp_poller **out)
 
     p->evcap = max_events;
     p->evbuf = calloc((size_t)max_events, sizeof(struct epoll_event));
+    pthread_mutex_lock(&registry_lock);
+    p->next = registry;
+    if (registry)
+        registry->prev = p;
+    registry = p;
+    pthread_mutex_unlock(&registry_lock);
     int rc = p->evbuf ? open_own_fds(p) : -ENOMEM;
     if (rc < 0) {
         sp_poller_free(p);
@@ -360,20 +404,20 @@ static void teardown(sp_poller *p)
 
 int sp_poller_close(sp_poller *p)
 {
+    pthread_mutex_lock(&p->lock);
     uint64_t gen = __atomic_load_n(&fork_generation, __ATOMIC_SEQ_CST);
     if (gen != p->fork_gen) {
         /* Closing in a forked child: drop the child's copies only, never touch the flags
          * of file descriptions the parent is still using. */
-        pthread_mutex_init(&p->lock, NULL);
         close_own_fds(p);
         for (int fd = 0; fd < p->nregs_cap; fd++)
             p->regs[fd].used = 0;
         p->nregistered = 0;
         p->closed = 1;
         p->fork_gen = gen;
+        pthread_mutex_unlock(&p->lock);
         return 0;
     }
-    pthread_mutex_lock(&p->lock);
     if (p->closed) {
         pthread_mutex_unlock(&p->lock);
         return 0;
@@ -398,6 +442,14 @@ void sp_poller_free(sp_poller *p)
         return;
     if (!p->closed)
         sp_poller_close(p);
+    pthread_mutex_lock(&registry_lock);
+    if (p->prev)
+        p->prev->next = p->next;
+    else
+        registry = p->next;
+    if (p->next)
+        p->next->prev = p->prev;
+    pthread_mutex_unlock(&registry_lock);
     if (p->epfd >= 0 || p->sigfd >= 0 || p->evfd >= 0)
         close_own_fds(p);
     free(p->regs);
@@ -726,6 +778,8 @@ static void adopt_thread(sp_poller *p)
         if (p->regs[fd].used && uses_signals(p, &p->regs[fd]))
             set_owner(p, fd);
     /* Hints queued to the previous thread stay there; a rescan stands in for them. */
+    if (p->nregistered)
+        p->c.rescans++;
     for (int fd = 0; fd < p->nregs_cap; fd++)
         if (p->regs[fd].used)
             add_hint(p, fd);
@@ -899,20 +953,23 @@ int sp_poller_wait(sp_poller *p, int timeout_ms, sp_event *out, int max, uint32_
 
 int sp_poller_wake(sp_poller *p)
 {
-    /* No lock: must be callable from a signal handler.  evfd is stable until teardown,
-     * which only happens once no waiter is left. */
+    /* No lock: must be callable from a signal handler.  Counting ourselves in first makes
+     * close_own_fds() wait before it closes the number we are about to write to. */
+    __atomic_add_fetch(&p->wakers, 1, __ATOMIC_SEQ_CST);
     uint64_t one = 1;
-    int fd = __atomic_load_n(&p->evfd, __ATOMIC_RELAXED);
+    int rc = 0;
+    int fd = __atomic_load_n(&p->evfd, __ATOMIC_SEQ_CST);
     if (fd < 0)
-        return -ESHUTDOWN;
-    if (write(fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-        return -errno;
-    if (p->mode == SP_MODE_NAIVE) {
+        rc = -ESHUTDOWN;
+    else if (write(fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        rc = -errno;
+    if (rc == 0 && p->mode == SP_MODE_NAIVE) {
         pid_t tid = __atomic_load_n(&p->owner_tid, __ATOMIC_RELAXED);
         if (tid)
             syscall(SYS_tgkill, getpid(), tid, SIGIO);
     }
-    return 0;
+    __atomic_sub_fetch(&p->wakers, 1, __ATOMIC_SEQ_CST);
+    return rc;
 }
 
 /* ---- introspection ------------------------------------------------------------------------ */
