@@ -70,15 +70,22 @@ async def _marker(reader: asyncio.StreamReader, name: str, timeout: float = 300)
     return (await asyncio.wait_for(reader.readuntil(b"@@"), timeout))[:-2].strip()
 
 
-async def bench_virtio(tmp: str, n: int) -> tuple[float, float]:
+def _virtio_init(tmp: str, n: int) -> str:
+    """The guest's init script for the virtio transfers, and the n random bytes it sends."""
     data = os.path.join(tmp, "v.bin")
-    with open(data, "wb") as f:
-        f.write(os.urandom(n))
+    if not os.path.exists(data) or os.path.getsize(data) != n:
+        with open(data, "wb") as f:
+            f.write(os.urandom(n))
     init = os.path.join(tmp, "v.sh")
     module = os.path.join(_uml.modules_dir() or "", "kernel/drivers/char/virtio_console.ko")
     with open(init, "w") as f:
         f.write(VIRTIO_INIT.format(module=module, file=data, n=n))
     os.chmod(init, 0o755)
+    return init
+
+
+async def bench_virtio(tmp: str, n: int) -> tuple[float, float]:
+    init = _virtio_init(tmp, n)
     sock = os.path.join(tmp, "vu.sock")
     device = ConsoleDevice(["g2h", "h2g"])
     backend = VhostUserBackend(device)
@@ -177,15 +184,7 @@ def _cpu_ns(pid: int) -> int:
 async def bench_backend_process(tmp: str, tree: str, n: int) -> tuple[float, float, float, float]:
     """The virtio transfers through ``python -m sigpoll.virtio console`` run from ``tree``:
     MB/s each way, and the backend's CPU time per MB each way (steadier on a busy machine)."""
-    data = os.path.join(tmp, "p.bin")
-    if not os.path.exists(data):
-        with open(data, "wb") as f:
-            f.write(os.urandom(n))
-    init = os.path.join(tmp, "p.sh")
-    module = os.path.join(_uml.modules_dir() or "", "kernel/drivers/char/virtio_console.ko")
-    with open(init, "w") as f:
-        f.write(VIRTIO_INIT.format(module=module, file=data, n=n))
-    os.chmod(init, 0o755)
+    init = _virtio_init(tmp, n)
     sock, g2h_path, h2g_path = (os.path.join(tmp, name) for name in ("vu.sock", "g2h.sock", "h2g.sock"))
     env = dict(os.environ, PYTHONPATH=tree)
     backend = await asyncio.create_subprocess_exec(

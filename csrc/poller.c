@@ -1,7 +1,7 @@
 /*
  * sigpoll core poller.  The contract is in sigpoll.h; the reasoning in docs/design.md.
  *
- * Shape of one wait (sigpoll mode):
+ * Shape of one wait:
  *   1. epoll_wait on the set {device fds, signalfd, eventfd}; EINTR is restarted with the
  *      remaining timeout, so callers never see it.
  *   2. Device fds epoll reported go straight to the caller's buffer.
@@ -57,7 +57,6 @@ typedef struct reg {
 
 struct sp_poller {
     pthread_mutex_t lock;
-    int mode;
     int signo;
     int epfd, sigfd, evfd;
     int closed;
@@ -182,7 +181,7 @@ static uint32_t epoll_mask(uint32_t events, uint32_t flags)
 
 static int uses_signals(const sp_poller *p, const reg *r)
 {
-    return p->mode == SP_MODE_NAIVE || !(r->flags & SP_NO_SIGNAL);
+    return !(r->flags & SP_NO_SIGNAL);
 }
 
 /* Whether unregistering should put the fd's flags back: not for fds inherited across
@@ -192,17 +191,10 @@ static int owns_flags(const sp_poller *p, const reg *r)
     return uses_signals(p, r) && !r->inherited;
 }
 
-/* Aim the fd's signals at the owner thread (UML's naive scheme aims at the process). */
+/* Aim the fd's signals at the owner thread. */
 static int set_owner(sp_poller *p, int fd)
 {
-    struct f_owner_ex own;
-    if (p->mode == SP_MODE_NAIVE) {
-        own.type = F_OWNER_PID;
-        own.pid = getpid();
-    } else {
-        own.type = F_OWNER_TID;
-        own.pid = p->owner_tid;
-    }
+    struct f_owner_ex own = {.type = F_OWNER_TID, .pid = p->owner_tid};
     return fcntl(fd, F_SETOWN_EX, &own) < 0 ? -errno : 0;
 }
 
@@ -244,15 +236,13 @@ static int open_own_fds(sp_poller *p)
     ev.data.u64 = TOKEN_EVENTFD;
     if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->evfd, &ev) < 0)
         return -errno;
-    if (p->mode == SP_MODE_SIGPOLL) {
-        p->sigfd = signalfd(-1, &p->sigs, SFD_NONBLOCK | SFD_CLOEXEC);
-        if (p->sigfd < 0)
-            return -errno;
-        ev.events = EPOLLIN;
-        ev.data.u64 = TOKEN_SIGNALFD;
-        if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->sigfd, &ev) < 0)
-            return -errno;
-    }
+    p->sigfd = signalfd(-1, &p->sigs, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (p->sigfd < 0)
+        return -errno;
+    ev.events = EPOLLIN;
+    ev.data.u64 = TOKEN_SIGNALFD;
+    if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->sigfd, &ev) < 0)
+        return -errno;
     return 0;
 }
 
@@ -338,12 +328,10 @@ static int enter_registered(sp_poller *p, int fd, reg **out)
 
 /* ---- lifecycle ----------------------------------------------------------------------------- */
 
-int sp_poller_new(int signo, int mode, int max_events, sp_poller **out)
+int sp_poller_new(int signo, int max_events, sp_poller **out)
 {
     *out = NULL;
-    if (mode != SP_MODE_SIGPOLL && mode != SP_MODE_NAIVE)
-        return -EINVAL;
-    if (mode == SP_MODE_SIGPOLL && (signo < SIGRTMIN || signo > SIGRTMAX))
+    if (signo < SIGRTMIN || signo > SIGRTMAX)
         return -EINVAL;
     if (max_events < 1 || max_events > 65536)
         return -EINVAL;
@@ -353,8 +341,7 @@ int sp_poller_new(int signo, int mode, int max_events, sp_poller **out)
     if (!p)
         return -ENOMEM;
     pthread_mutex_init(&p->lock, NULL);
-    p->mode = mode;
-    p->signo = mode == SP_MODE_NAIVE ? SIGIO : signo;
+    p->signo = signo;
     p->fork_gen = __atomic_load_n(&fork_generation, __ATOMIC_SEQ_CST);
     p->owner_tid = current_tid();
     sigemptyset(&p->sigs);
@@ -427,8 +414,6 @@ int sp_poller_close(sp_poller *p)
         /* A waiter is inside epoll_wait on these fds: wake it; the last one out tears down. */
         uint64_t one = 1;
         if (write(p->evfd, &one, sizeof(one)) < 0) { /* counter saturated: already awake */ }
-        if (p->mode == SP_MODE_NAIVE && p->owner_tid)
-            syscall(SYS_tgkill, getpid(), p->owner_tid, SIGIO);
     } else {
         teardown(p);
     }
@@ -478,8 +463,6 @@ int sp_poller_register(sp_poller *p, int fd, uint32_t events, uint32_t flags)
         return -EBADF;
     if (flags & ~(SP_EDGE | SP_NO_SIGNAL))
         return -EINVAL;
-    if (p->mode == SP_MODE_NAIVE)
-        flags = (flags | SP_EDGE) & ~SP_NO_SIGNAL; /* UML registers edge-triggered, always async */
     int rc = enter(p);
     if (rc < 0)
         return rc;
@@ -492,7 +475,7 @@ int sp_poller_register(sp_poller *p, int fd, uint32_t events, uint32_t flags)
         rc = -errno;
         goto out;
     }
-    int wants_sig = p->mode == SP_MODE_NAIVE || !(flags & SP_NO_SIGNAL);
+    int wants_sig = !(flags & SP_NO_SIGNAL);
     if (wants_sig && (rc = check_async_capable(fd)) < 0)
         goto out;
     if ((rc = grow_regs(p, fd)) < 0)
@@ -539,8 +522,6 @@ int sp_poller_modify(sp_poller *p, int fd, uint32_t events, uint32_t flags)
     int rc = enter_registered(p, fd, &r);
     if (rc < 0)
         return rc;
-    if (p->mode == SP_MODE_NAIVE)
-        flags = SP_EDGE;
     /* The signal setting is fixed at registration; only events and edge change. */
     flags = (flags & SP_EDGE) | (r->flags & SP_NO_SIGNAL);
     struct epoll_event ev = {.events = epoll_mask(events, flags), .data.u64 = (uint64_t)fd};
@@ -772,8 +753,6 @@ static void adopt_thread(sp_poller *p)
         return;
     pthread_sigmask(SIG_BLOCK, &p->sigs, NULL);
     p->owner_tid = tid;
-    if (p->mode == SP_MODE_NAIVE)
-        return; /* aimed at the process, not a thread */
     for (int fd = 0; fd < p->nregs_cap; fd++)
         if (p->regs[fd].used && uses_signals(p, &p->regs[fd]))
             set_owner(p, fd);
@@ -857,56 +836,6 @@ static int wait_sigpoll(sp_poller *p, int timeout_ms, sp_event *out, int max, ui
     return n;
 }
 
-/* UML's scheme: sleep until SIGIO, then look at epoll once without waiting.  No retry. */
-static int wait_naive(sp_poller *p, int timeout_ms, sp_event *out, int max, uint32_t *woken)
-{
-    int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
-    int epfd = p->epfd;
-    sigset_t only_sigio;
-    sigemptyset(&only_sigio);
-    sigaddset(&only_sigio, SIGIO);
-    pthread_mutex_unlock(&p->lock);
-
-    int rc;
-    for (;;) {
-        if (timeout_ms < 0) {
-            rc = sigwaitinfo(&only_sigio, NULL);
-        } else {
-            struct timespec ts = {.tv_sec = timeout_ms / 1000, .tv_nsec = (long)(timeout_ms % 1000) * 1000000};
-            rc = sigtimedwait(&only_sigio, NULL, &ts);
-        }
-        if (rc >= 0 || errno != EINTR)
-            break;
-        if (p->options & SP_RETURN_ON_EINTR) {
-            *woken |= SP_INTERRUPTED;
-            break;
-        }
-        if (timeout_ms > 0) {
-            int64_t left = deadline - now_ms();
-            timeout_ms = left > 0 ? (int)left : 0;
-        }
-    }
-    int cap = max < p->evcap ? max : p->evcap;
-    int got = rc >= 0 ? epoll_wait(epfd, p->evbuf, cap, 0) : 0;
-
-    pthread_mutex_lock(&p->lock);
-    p->c.wakeups++;
-    if (rc >= 0)
-        p->c.signals++;
-    if (p->closed || got < 0)
-        return got < 0 ? -errno : 0;
-    p->batch++;
-    int n = 0;
-    for (int i = 0; i < got; i++) {
-        uint64_t tok = p->evbuf[i].data.u64;
-        if (tok == TOKEN_EVENTFD)
-            drain_eventfd(p, woken);
-        else if (lookup(p, (int)tok))
-            n = emit(p, out, n, (int)tok, p->evbuf[i].events);
-    }
-    return n;
-}
-
 int sp_poller_wait(sp_poller *p, int timeout_ms, sp_event *out, int max, uint32_t *woken)
 {
     uint32_t why = 0;
@@ -926,10 +855,7 @@ int sp_poller_wait(sp_poller *p, int timeout_ms, sp_event *out, int max, uint32_
     p->waiters++;
     int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
     for (;;) {
-        if (p->mode == SP_MODE_NAIVE)
-            rc = wait_naive(p, timeout_ms, out, max, &why);
-        else
-            rc = wait_sigpoll(p, timeout_ms, out, max, &why);
+        rc = wait_sigpoll(p, timeout_ms, out, max, &why);
         /* Nothing to report yet (a hint that was not ready, a signal with no epoll event)
          * is not a timeout: sleep again for what is left, so an empty return always means
          * the time ran out or wake() was called. */
@@ -963,11 +889,6 @@ int sp_poller_wake(sp_poller *p)
         rc = -ESHUTDOWN;
     else if (write(fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
         rc = -errno;
-    if (rc == 0 && p->mode == SP_MODE_NAIVE) {
-        pid_t tid = __atomic_load_n(&p->owner_tid, __ATOMIC_RELAXED);
-        if (tid)
-            syscall(SYS_tgkill, getpid(), tid, SIGIO);
-    }
     __atomic_sub_fetch(&p->wakers, 1, __ATOMIC_SEQ_CST);
     return rc;
 }

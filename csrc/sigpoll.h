@@ -39,11 +39,6 @@ typedef struct sp_counters {
     uint64_t polled;          /* waits answered while busy-polling, without sleeping */
 } sp_counters;
 
-enum sp_mode {
-    SP_MODE_SIGPOLL = 0, /* the race-free scheme */
-    SP_MODE_NAIVE = 1    /* UML's scheme, kept only for the reproducer and benches */
-};
-
 /* Registration flags. */
 #define SP_EDGE 1u       /* edge-triggered in epoll (EPOLLET) */
 #define SP_NO_SIGNAL 2u  /* epoll only: leave O_ASYNC off (sockets gain nothing from it) */
@@ -58,11 +53,11 @@ enum sp_mode {
                                  when control comes back to them; they restart the wait */
 
 /*
- * Create a poller.  signo is the real-time signal for O_ASYNC hints (ignored in naive
- * mode, which uses SIGIO like UML).  max_events sizes the preallocated event buffer.
+ * Create a poller.  signo is the real-time signal for O_ASYNC hints (SIGRTMIN..SIGRTMAX).
+ * max_events sizes the preallocated event buffer.
  * The calling thread becomes the owner: signals are aimed at it until another thread waits.
  */
-int sp_poller_new(int signo, int mode, int max_events, sp_poller **out);
+int sp_poller_new(int signo, int max_events, sp_poller **out);
 
 /* Release everything; the poller must not be in use by another thread.  NULL is ignored. */
 void sp_poller_free(sp_poller *p);
@@ -111,7 +106,7 @@ int sp_poller_wake(sp_poller *p);
 
 void sp_poller_counters(sp_poller *p, sp_counters *out);
 
-/* The signal that carries hints (SIGIO in naive mode). */
+/* The signal that carries hints. */
 int sp_poller_signal(sp_poller *p);
 
 /* The thread id fds are currently owned by. */

@@ -223,8 +223,8 @@ def test_unregister_after_the_number_was_reused_leaves_the_new_file_alone(poller
 
 
 def test_invalid_arguments() -> None:
-    with pytest.raises(ValueError, match="mode"):
-        Poller(mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Poller(mode="naive")  # type: ignore[call-arg]  # UML's scheme lives in sigpoll.stress
     with pytest.raises(ValueError, match="max_events"):
         Poller(max_events=0)
     with pytest.raises(ValueError, match="not a real-time signal"):
@@ -612,17 +612,22 @@ def test_fork_then_use_in_child(pipe) -> None:
     p.close()
 
 
-# -- naive mode ---------------------------------------------------------------------------
+# -- UML's scheme, for the reproducer ------------------------------------------------------
 
 
-def test_naive_mode_is_umls_scheme(pty_pair) -> None:
+def test_the_reproducers_naive_poller_is_umls_scheme(pty_pair) -> None:
+    """``python -m sigpoll.stress xxd --mode naive`` plays UML on select.epoll and
+    sigtimedwait (sigpoll.stress._writers.NaivePoller): SIGIO, owned by the process,
+    edge-triggered, and the fd's settings put back afterwards."""
+    from sigpoll.stress._writers import NaivePoller
+
     master, slave = pty_pair
-    p = Poller(mode="naive")
+    before = (fcntl.fcntl(slave, fcntl.F_GETFL), fcntl.fcntl(slave, F_GETSIG), owner_of(slave))
+    p = NaivePoller(slave, select.EPOLLOUT)
     try:
-        assert p.signal == signal.SIGIO
-        p.register(slave, WRITABLE)
         assert fcntl.fcntl(slave, F_GETSIG) == signal.SIGIO
         assert owner_of(slave) == (1, os.getpid())  # F_OWNER_PID: the process, as UML does
+        assert fcntl.fcntl(slave, fcntl.F_GETFL) & os.O_ASYNC
         fill(slave)
         drain(master)
         # Whatever it reports, it must never block past its timeout.
@@ -633,6 +638,7 @@ def test_naive_mode_is_umls_scheme(pty_pair) -> None:
         assert p.wait(5) == []
     finally:
         p.close()
+    assert (fcntl.fcntl(slave, fcntl.F_GETFL), fcntl.fcntl(slave, F_GETSIG), owner_of(slave)) == before
 
 
 # -- races in the core, played in a fixed order ------------------------------------------
@@ -780,3 +786,17 @@ def test_a_change_of_waiting_thread_counts_its_rescan(pipe: tuple[int, int]) -> 
         assert p.counters.rescans == 1
     finally:
         p.close()
+
+
+def test_the_core_stub_names_exactly_what_the_header_declares() -> None:
+    """sigpoll/_core.pyi types the compiled module by hand: it must not drift from it."""
+    import ast
+
+    import sigpoll._core as core
+
+    stub = ast.parse(open(os.path.join(os.path.dirname(sigpoll.__file__), "_core.pyi")).read())
+    (lib_class,) = [n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == "_Lib"]
+    typed = {n.name for n in lib_class.body if isinstance(n, ast.FunctionDef)}
+    typed |= {n.target.id for n in lib_class.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    compiled = {name for name in dir(core.lib) if name.lower().startswith("sp_")}
+    assert typed == compiled

@@ -10,6 +10,7 @@ lives, its peak RSS (VmHWM), whether its other ports keep moving, how long SIGTE
 from __future__ import annotations
 
 import contextlib
+from contextlib import closing
 import os
 import select
 import signal
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from sigpoll.virtio._frontend import ConsoleDriver, Frontend
+from sigpoll.virtio._testing import recv_exactly
 from sigpoll.virtio._vhost_user import Request, encode_message
 
 MiB = 1 << 20
@@ -87,42 +89,32 @@ def wait_for(pred: Callable[[], object], what: str, timeout: float = 30.0) -> No
         time.sleep(0.01)
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    got = bytearray()
-    while len(got) < n:
-        chunk = sock.recv(n - len(got))
-        if not chunk:
-            raise EOFError(f"{len(got)} of {n} bytes, then EOF")
-        got += chunk
-    return bytes(got)
-
-
-def console(b: Backend, mem_size: int = 4 * MiB, *, high: int = 0) -> tuple[Frontend, ConsoleDriver]:
-    """A frontend with the console driver's handshake done (ports 0 and 1).  With ``high``,
-    everything allocated after the rings and the first control buffers lies from there up."""
+@contextlib.contextmanager
+def console(b: Backend, mem_size: int = 4 * MiB, *, high: int = 0) -> Iterator[tuple[Frontend, ConsoleDriver]]:
+    """A frontend with the console driver's handshake done (ports 0 and 1), for the block.
+    With ``high``, everything allocated after the rings and the first control buffers lies
+    from there up."""
     fe = Frontend(b.sock, mem_size=mem_size)
-    fe.handshake()
-    drv = ConsoleDriver(fe, 2)
-    drv.start()
-    if high:
-        fe.reset_allocator(high)
-    drv.poll(lambda ev: drv.names() == {1: "data"})
-    return fe, drv
+    try:
+        fe.handshake()
+        drv = ConsoleDriver(fe, 2)
+        drv.start()
+        if high:
+            fe.reset_allocator(high)
+        drv.poll(lambda ev: drv.names() == {1: "data"})
+        yield fe, drv
+    finally:
+        fe.close()
 
 
 def healthy_session(b: Backend) -> None:
     """The next frontend is served: bytes go both ways on port 0."""
-    fe, drv = console(b)
-    client = b.connect(b.port0)
-    try:
+    with console(b) as (fe, drv), closing(b.connect(b.port0)) as client:
         drv.poll(lambda ev: drv.host_open(0))
         drv.write(0, b"hello from the next guest\n")
         assert recv_exactly(client, 26) == b"hello from the next guest\n"
         client.sendall(b"typed\n")
         assert drv.read(0, 6) == b"typed\n"
-    finally:
-        client.close()
-        fe.close()
 
 
 # -- memory that shrinks under the backend ---------------------------------------------------
@@ -136,9 +128,7 @@ def test_memory_truncated_under_the_backend_drops_the_frontend_not_the_backend(
     guest output, through a copy of host input.  The backend must live, drop that
     frontend, and serve the next one."""
     with backend(tmp_path, python_flags) as b:
-        fe, drv = console(b, high=2 * MiB)
-        client = None
-        try:
+        with console(b, high=2 * MiB) as (fe, drv), contextlib.ExitStack() as cleanup:
             if where == "rings":
                 fe.add(1, out=b"x" * 4096)
                 os.ftruncate(fe.memfd, 0)
@@ -149,7 +139,7 @@ def test_memory_truncated_under_the_backend_drops_the_frontend_not_the_backend(
                 fe.kick(1)
             else:
                 # Port 0's receive buffers were posted above 2 MiB; the host's bytes land there.
-                client = b.connect(b.port0)
+                client = cleanup.enter_context(closing(b.connect(b.port0)))
                 drv.poll(lambda ev: drv.host_open(0))
                 os.ftruncate(fe.memfd, 1 * MiB)
                 client.sendall(b"y" * 10000)
@@ -157,10 +147,6 @@ def test_memory_truncated_under_the_backend_drops_the_frontend_not_the_backend(
             wait_for(lambda: "took its memory away" in b.stderr() or b.proc.poll() is not None,
                      "the backend dropping the frontend")
             assert b.proc.poll() is None, f"backend died ({b.proc.returncode}): {b.stderr()}"
-        finally:
-            if client is not None:
-                client.close()
-            fe.close()
         healthy_session(b)
         assert b.proc.poll() is None
         assert "Traceback" not in b.stderr() and "Fatal Python error" not in b.stderr(), b.stderr()
@@ -207,8 +193,7 @@ def test_one_chain_naming_the_same_megabyte_512_times_is_refused_not_copied(tmp_
     The chain cap (1 MiB per chain, repeats counted) breaks the queue instead; the
     backend's peak RSS moves by no more than the port bound (docs/reliability.md)."""
     with backend(tmp_path) as b:
-        fe, drv = console(b)
-        try:
+        with console(b) as (fe, drv):
             buf = fe.alloc(MiB, 4096)
             fe.mem[buf : buf + MiB] = b"A" * MiB
             before = b.peak_rss()
@@ -220,8 +205,6 @@ def test_one_chain_naming_the_same_megabyte_512_times_is_refused_not_copied(tmp_
             print(f"peak RSS grew by {grown / MiB:.2f} MiB")
             assert grown < 16 * MiB, f"peak RSS grew by {grown / MiB:.0f} MiB"
             assert "bytes to read" in b.stderr()
-        finally:
-            fe.close()
         healthy_session(b)
 
 
@@ -230,8 +213,7 @@ def test_a_port_stops_taking_buffers_while_its_backlog_is_full(tmp_path: Any) ->
     nobody reads: the backend takes at most its backlog and leaves the rest in the ring,
     first with no host client, then with a client that connects and never reads."""
     with backend(tmp_path) as b:
-        fe, drv = console(b, mem_size=8 * MiB)
-        try:
+        with console(b, mem_size=8 * MiB) as (fe, drv):
             buf = fe.alloc(64 << 10, 4096)
             fe.mem[buf : buf + (64 << 10)] = os.urandom(64 << 10)
             tx = drv.rx(1) + 1
@@ -243,7 +225,7 @@ def test_a_port_stops_taking_buffers_while_its_backlog_is_full(tmp_path: Any) ->
             time.sleep(1.0)  # give it the chance to take more than it should (never a timing)
             used += fe.used(tx)
             assert len(used) == 1, f"{len(used)} chains of 1 MiB taken by a port nobody reads"
-            client = b.connect(b.data)  # reads nothing, for now
+            client = b.connect(b.data)  # reads nothing, for now (closed with the test's exit)
             drv.poll(lambda ev: drv.host_open(1))
             drv.open(1)
             time.sleep(1.0)
@@ -260,8 +242,6 @@ def test_a_port_stops_taking_buffers_while_its_backlog_is_full(tmp_path: Any) ->
             used += fe.wait_used(tx, 24 - len(used), timeout=30)
             assert len(used) == 24
             client.close()
-        finally:
-            fe.close()
         assert b.proc.poll() is None
 
 
@@ -289,9 +269,7 @@ def test_a_frontend_that_never_reads_replies_does_not_stall_the_ports(tmp_path: 
     data port keep moving both ways (on a loop blocked in sendall nothing would move until
     the frontend is dropped)."""
     with backend(tmp_path) as b:
-        fe, drv = console(b)
-        con, data = b.connect(b.port0), b.connect(b.data)
-        try:
+        with console(b) as (fe, drv), closing(b.connect(b.port0)) as con, closing(b.connect(b.data)) as data:
             drv.poll(lambda ev: drv.host_open(0) and drv.host_open(1))
             drv.open(1)
             assert _flood_unread_requests(fe) > 0
@@ -305,16 +283,11 @@ def test_a_frontend_that_never_reads_replies_does_not_stall_the_ports(tmp_path: 
                 data.sendall(payload[:4096])
                 assert drv.read(1, 4096, timeout=4) == payload[:4096]
             assert b.proc.poll() is None
-        finally:
-            for s in (con, data):
-                s.close()
-            fe.close()
 
 
 def test_sigterm_stops_the_backend_within_a_second_while_replies_are_unread(tmp_path: Any) -> None:
     with backend(tmp_path) as b:
-        fe, drv = console(b)
-        try:
+        with console(b) as (fe, drv):
             assert _flood_unread_requests(fe) > 0
             time.sleep(0.3)  # the backend is now facing a full socket
             started = time.monotonic()
@@ -328,18 +301,13 @@ def test_sigterm_stops_the_backend_within_a_second_while_replies_are_unread(tmp_
             assert rc == 0, (rc, b.stderr())
             # The promise is one second; the deadline here is generous for a busy machine.
             assert took < 2.5, f"SIGTERM took {took:.1f} s to stop the backend"
-        finally:
-            fe.close()
 
 
 def test_a_frontend_leaving_replies_unread_is_dropped_and_the_next_one_served(tmp_path: Any) -> None:
     with backend(tmp_path) as b:
-        fe, drv = console(b)
-        try:
+        with console(b) as (fe, drv):
             assert _flood_unread_requests(fe) > 0
             wait_for(lambda: "left replies unread" in b.stderr() or b.proc.poll() is not None,
                      "the backend dropping a frontend that does not read", timeout=60)
-        finally:
-            fe.close()
         healthy_session(b)
         assert "Traceback" not in b.stderr(), b.stderr()
