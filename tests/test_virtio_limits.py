@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -311,3 +312,42 @@ def test_a_frontend_leaving_replies_unread_is_dropped_and_the_next_one_served(tm
                      "the backend dropping a frontend that does not read", timeout=60)
         healthy_session(b)
         assert "Traceback" not in b.stderr(), b.stderr()
+
+
+# -- control messages the guest asks for but never collects ---------------------------------
+
+def test_control_requests_whose_answers_are_never_collected_are_bounded(tmp_path: Any) -> None:
+    """Each DEVICE_READY makes the device queue a DEVICE_ADD per port for the guest.  A guest
+    that keeps sending it and never posts buffers for the answers must not make the backend
+    queue without end: past a bound it stops reading the guest's control messages (they
+    wait in its ring) until the answers are collected."""
+    control = struct.Struct("<IHH")
+    with backend(tmp_path) as b, console(b, mem_size=16 * MiB) as (fe, drv):
+        before = b.peak_rss()
+        added = taken = 0
+        while added < 300_000:
+            for _ in range(24):
+                fe.add(3, out=control.pack(0, 0, 1))  # DEVICE_READY, again and again
+            added += 24
+            fe.kick(3)
+            give_up = time.monotonic() + 2
+            while (taken := taken + len(fe.used(3))) < added and time.monotonic() < give_up:
+                fe.wait_call(3, 0.01)
+            if taken < added:
+                break  # the backend stopped taking them: the bound at work
+        grown = b.peak_rss() - before
+        print(f"{taken} DEVICE_READY taken, peak RSS grew by {grown / MiB:.2f} MiB")
+        assert b.proc.poll() is None, b.stderr()
+        assert grown < 8 * MiB, f"peak RSS grew by {grown / MiB:.1f} MiB for {taken} control messages"
+        # Nothing was lost: as the guest collects the answers, its waiting messages are read.
+        answers = 0
+        deadline = time.monotonic() + 60
+        while taken < added and time.monotonic() < deadline:
+            answers += len(fe.used(2))
+            for _ in range(len(fe.rings[2].free)):
+                fe.add(2, in_len=64)
+            fe.kick(2)
+            taken += len(fe.used(3))
+            fe.wait_call(2, 0.01)
+        waiting = added - taken
+        assert waiting == 0, f"{waiting} control messages never read after {answers} answers collected"
