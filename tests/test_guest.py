@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sigpoll import _uml
+from sigpoll.guest import _uml
 from sigpoll.guest import BootError, Guest, GuestError
 from sigpoll.stress import xxd
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from sigpoll import _uml
+from sigpoll.guest import _uml
 
 try:
     _uml.find_kernel()

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .. import _uml
+from . import _uml
 from .. import tty as stty
 from ._init_script import (
     GUEST_DIR,
@@ -213,11 +213,11 @@ class Guest:
 
         Returns the guest's extra kernel arguments, its init lines, and the preexec hook
         that starts UML inside the namespace.  (Why a network and not a serial line: see
-        sigpoll._netns.)
+        sigpoll.guest._netns.)
         """
         if not self.shares or self.share_via != "net":
             return [], [], None
-        from .._netns import NetNamespace, NetnsUnavailable
+        from ._netns import NetNamespace, NetnsUnavailable
         from ..ninep import NinepServer
 
         modules = _uml.modules_dir()
