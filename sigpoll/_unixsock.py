@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import Collection
 
 __all__ = ["listen_unix", "peer_allowed", "peer_uid"]
 
@@ -51,10 +52,11 @@ def peer_uid(sock: socket.socket) -> int:
     return int(_UCRED.unpack(creds)[1])
 
 
-def peer_allowed(sock: socket.socket) -> bool:
-    """Whether the peer is this process's own user or root."""
+def peer_allowed(sock: socket.socket, allow_uids: Collection[int] = ()) -> bool:
+    """Whether the peer is this process's own user, root, or one of ``allow_uids`` (a jailed
+    guest's uid, say)."""
     try:
         uid = peer_uid(sock)
     except OSError:
         return False
-    return uid in (0, os.geteuid())
+    return uid in (0, os.geteuid()) or uid in allow_uids

@@ -150,7 +150,7 @@ def test_virtio_port_moves_64_mib_both_ways_and_leaves_nothing_behind(run: Any, 
     up = os.urandom(size)  # guest -> host
     down = os.urandom(size)  # host -> guest
     named = str(tmp_path / "named.sock")
-    before = (_guest_dirs(), _uml._descendants(os.getpid()))
+    before = (_guest_dirs(), _uml.descendants(os.getpid()))
 
     async def main() -> tuple[int, str, str]:
         g = Guest(ports=["data", f"named=unix:{named}"])
@@ -188,7 +188,7 @@ def test_virtio_port_moves_64_mib_both_ways_and_leaves_nothing_behind(run: Any, 
     assert not _alive(pid), "a process of the guest survived"
     assert not os.path.exists(tmp) and not os.path.exists(default) and not os.path.exists(named)
     assert _guest_dirs() <= before[0], "a temporary directory survived"
-    assert _uml._descendants(os.getpid()) <= before[1], "a child process survived"
+    assert _uml.descendants(os.getpid()) <= before[1], "a child process survived"
 
 
 def test_cli_port_option_shows_the_socket_and_removes_it(tmp_path: Any) -> None:

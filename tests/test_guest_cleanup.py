@@ -27,7 +27,7 @@ except _uml.UmlNotFound as exc:  # pragma: no cover - on these machines UML is i
 
 def _live(pids: set[int]) -> set[int]:
     """Those of ``pids`` that are running processes (not gone, not zombies)."""
-    return {pid for pid in pids if (stat := _uml._stat(pid)) is not None and stat[0] not in (b"Z", b"X")}
+    return {pid for pid in pids if (stat := _uml.proc_stat(pid)) is not None and stat[0] not in (b"Z", b"X")}
 
 
 def _in_namespace(ns: str) -> set[int]:
@@ -41,7 +41,7 @@ def _in_namespace(ns: str) -> set[int]:
     return _live(found)
 
 
-@pytest.mark.skipif(not _uml.pid_namespace_available(),
+@pytest.mark.skipif(_uml.jail_namespaces() == "none",
                     reason="no private PID namespace here (not root?): SIGKILL cleanup degrades, see docs/guest.md")
 def test_sigkill_of_the_host_leaves_no_guest_process() -> None:
     host = subprocess.Popen(
@@ -62,7 +62,7 @@ def test_sigkill_of_the_host_leaves_no_guest_process() -> None:
         # guest a moment to start it, then take its tree (later processes are caught by the
         # namespace check below).
         time.sleep(1)
-        tree = _uml._descendants(host.pid)
+        tree = _uml.descendants(host.pid)
         kernels = [pid for pid in tree if _comm(pid) == "linux.uml" and _comm(_parent(pid)) != "linux.uml"]
         assert len(kernels) == 1, {pid: _comm(pid) for pid in tree}
         ns = os.readlink(f"/proc/{kernels[0]}/ns/pid")
@@ -86,7 +86,7 @@ def test_sigkill_of_the_host_leaves_no_guest_process() -> None:
 
 
 def _parent(pid: int) -> int:
-    stat = _uml._stat(pid)
+    stat = _uml.proc_stat(pid)
     return int(stat[1]) if stat is not None else -1
 
 

@@ -82,18 +82,27 @@ def port_setup(modules_dir: str, names: Sequence[str], wait_tenths: int = 100) -
 GUEST_DIR = "/run/sigpoll"
 
 
-def init_script(token: str, *, host_dir: str, read_only: bool, setup: Sequence[str] = ()) -> str:
+def init_script(token: str, *, host_dir: str, read_only: bool, setup: Sequence[str] = (),
+                setuid_off: bool = False) -> str:
     """PID 1 for a guest on the host's root file system.
 
-    It mounts what a shell needs, binds ``host_dir`` (the guest's private directory on the
-    host) at :data:`GUEST_DIR` before /tmp is covered by a tmpfs, runs ``setup`` lines (share mounts, module loads), prints a
+    It mounts what a shell needs, mounts ``host_dir`` (the guest's private directory, as UML
+    sees it) at :data:`GUEST_DIR` with hostfs, covers /tmp with a tmpfs, runs ``setup`` lines
+    (share mounts, module loads), prints a
     ready marker carrying ``token`` and then becomes a quiet shell that reads commands from
     the console: no echo, no prompt, no CR insertion, so the host sees command output byte
     for byte.  Whatever happens, it powers the guest off rather than exiting (PID 1 exiting
     panics the kernel).
+
+    ``setuid_off``: run everything with no_new_privs, so set-user-ID bits do nothing in the
+    guest.  For a guest whose host files appear owned by nobody (a jail in a user namespace
+    maps every id but ours to the overflow id), where a setuid ``mount`` would otherwise
+    run as nobody.
     """
-    lines = [
-        "#!/bin/sh",
+    lines = ["#!/bin/sh"]
+    if setuid_off:
+        lines.append('[ -n "$SIGPOLL_NNP" ] || SIGPOLL_NNP=1 exec setpriv --no-new-privs "$0" "$@"')
+    lines += [
         "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "export HOME=/root TERM=${TERM:-vt100}",
         "mount -t proc proc /proc",
@@ -102,7 +111,8 @@ def init_script(token: str, *, host_dir: str, read_only: bool, setup: Sequence[s
     lines += [
         "mount -t tmpfs tmpfs /run",
         f"mkdir -p {GUEST_DIR}",
-        f"mount --bind {shlex.quote(host_dir)} {GUEST_DIR}",
+        # hostfs straight from the host's path: it may lie under the /run just covered.
+        f"mount -t hostfs none {GUEST_DIR} -o {shlex.quote(host_dir)}",
     ]
     if read_only:
         # The host's root is mounted read-only: give the guest writable scratch space.

@@ -5,16 +5,18 @@ recipe.  Facts it relies on (Debian's user-mode-linux, kernel 6.1): ``linux.uml`
 the host's root file system through hostfs, runs an ``init=`` script as PID 1, and puts its
 physical memory in a file under TMPDIR.
 
-No UML process outlives the host process, even one killed with SIGKILL: :class:`UmlProcess`
-starts the kernel as PID 1 of a private PID namespace when this machine allows it (see
-:func:`pid_namespace_available`), so the host kernel kills every process of the guest when
-the UML kernel dies, and the UML kernel dies with the host process (PDEATHSIG).
+The guest runtime starts UML with :class:`UmlProcess`, in the jail of :mod:`._sandbox`: a
+read-only host, an unprivileged uid, PID 1 of a PID namespace of its own, and a launcher that
+cleans up after a host process killed with SIGKILL.  Rigs that run UML directly (tests,
+benches) use :func:`kernel_command` and :func:`spawn_kwargs`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import dataclasses
 import os
 import shutil
 import signal
@@ -23,16 +25,24 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ._sandbox import Jail, descendants, launcher_argv, proc_stat
+
 __all__ = [
     "INSTALL_HINT",
+    "Jail",
+    "JailError",
     "SigioNudger",
     "UmlNotFound",
     "UmlProcess",
+    "descendants",
     "find_kernel",
+    "guest_ids",
+    "jail_namespaces",
     "kernel_command",
     "kill_group",
     "modules_dir",
-    "pid_namespace_available",
+    "probe_jail",
+    "proc_stat",
     "spawn_kwargs",
 ]
 
@@ -89,54 +99,26 @@ def kernel_command(
 
 
 _PR_SET_PDEATHSIG = 1
+# Resolved here, in the parent: a preexec_fn runs between fork and exec, where loading a
+# library (locks, allocation) in a process with threads can deadlock.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _child_setup(parent: int) -> Callable[[], None]:
-    """The ``preexec_fn`` of a UML kernel (or of its launcher) started by process ``parent``."""
+    """The ``preexec_fn`` of a UML kernel started by process ``parent`` (rigs and benches
+    that run UML directly; the guest runtime starts it through its jail, which needs none)."""
 
     def setup() -> None:
         # UML runs on SIGIO and SIGALRM; a mask inherited from a sigpoll process (which blocks
         # SIGIO and its RT signal) would freeze the guest's interrupts.
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         # If the host process dies without cleaning up (SIGKILL), take the guest with it.
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         # The host may have died between fork and prctl: then no signal will ever come.
         if os.getppid() != parent:
             os._exit(1)
 
     return setup
-
-
-def _stat(pid: int) -> list[bytes] | None:
-    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...), or
-    None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses: the fields follow the last ')'.
-    return stat[stat.rindex(b")") + 2 :].split()
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live descendant of ``pid``, from /proc (taken before anything is killed:
-    orphans are reparented and the link is lost)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (stat := _stat(int(name))) is not None:
-            children.setdefault(int(stat[1]), []).append(int(name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def kill_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -149,18 +131,18 @@ def kill_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     import time
 
     deadline = time.monotonic() + timeout
-    if isinstance(proc, UmlProcess) and proc.pid_namespace and proc.poll() is None:
+    if isinstance(proc, UmlProcess) and proc.poll() is None:
         kernel = proc.kernel_pid()
-        if kernel is not None:
-            # The namespace's PID 1 first: Linux kills the rest of the namespace, the kernel
-            # reaps it, the launcher reaps the kernel and exits.  Killing the launcher first
-            # would leave the kernel a zombie for whoever adopts it to reap.
+        if kernel is not None and kernel != proc.pid:
+            # The jail's PID 1 first: Linux kills the rest of the namespace, the kernel reaps
+            # it, the launcher reaps the kernel and exits.  Killing the launcher first would
+            # leave the kernel a zombie for whoever adopts it to reap.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(kernel, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.0, min(5.0, timeout / 2)))
     while True:
-        targets = _descendants(proc.pid)
+        targets = descendants(proc.pid)
         if proc.poll() is None:
             targets.add(proc.pid)
         for pid in targets:
@@ -178,14 +160,16 @@ def kill_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             break
         time.sleep(0.02)
+    if isinstance(proc, UmlProcess):
+        proc.release()
 
 
 def spawn_kwargs(env: Mapping[str, str] | None = None, tmpdir: str | None = None) -> dict[str, Any]:
-    """Keyword arguments for subprocess/asyncio spawning of a UML kernel.
+    """Keyword arguments for subprocess/asyncio spawning of a UML kernel by a test rig.
 
     A clean signal mask, its own session (so a terminal's SIGINT is not sent to it),
-    PDEATHSIG, and TMPDIR pointing where its memory file should go.  Popen the kernel with
-    :class:`UmlProcess` to also keep its guest processes from outliving a killed host.
+    PDEATHSIG, and TMPDIR pointing where its memory file should go.  The guest runtime does
+    not use it: :class:`UmlProcess` starts the kernel in its jail.
     """
     child_env = dict(os.environ if env is None else env)
     if tmpdir is not None:
@@ -198,71 +182,156 @@ def spawn_kwargs(env: Mapping[str, str] | None = None, tmpdir: str | None = None
     }
 
 
+# -- the jail --------------------------------------------------------------------------------
+
+#: Guest uids and gids are drawn from here: far above any account or subordinate-id range in
+#: common use, and a fresh one per guest, so two guests can never signal or trace each other.
+GUEST_ID_BASE = 0x60000000
+GUEST_ID_SPAN = 1 << 24
+
+
+def guest_ids() -> tuple[int, int]:
+    """A fresh (uid, gid) for one guest: no account, no group, no file of anyone's."""
+    import grp
+    import pwd
+    import secrets
+
+    while True:
+        n = GUEST_ID_BASE + secrets.randbelow(GUEST_ID_SPAN)
+        try:
+            pwd.getpwuid(n)
+            continue
+        except KeyError:
+            pass
+        try:
+            grp.getgrgid(n)
+            continue
+        except KeyError:
+            return n, n
+
+
+class JailError(RuntimeError):
+    """The jail for a UML kernel could not be built (``unavailable``: not allowed here)."""
+
+    def __init__(self, message: str, unavailable: bool = False) -> None:
+        super().__init__(message)
+        self.unavailable = unavailable
+
+
 _probe_lock = threading.Lock()
-_probed: bool | None = None
+_probed: str | None = None
 
 
-def pid_namespace_available() -> bool:
-    """Whether UML can run as PID 1 of a private PID namespace here (probed once).
-
-    It needs util-linux's ``unshare`` and the right to make a PID namespace
-    (CAP_SYS_ADMIN: root, outside a container that forbids it).  Without them a SIGKILLed
-    host process still takes the UML kernel with it (PDEATHSIG), but the guest's own host
-    processes may survive it; every other exit path cleans them up (:func:`kill_group`).
-    """
+def jail_namespaces() -> str:
+    """How this process can make namespaces for a jail: ``"root"``, ``"userns"`` (an
+    unprivileged user namespace: probed once, by building a jail for ``true``) or ``"none"``."""
     global _probed
+    if os.geteuid() == 0:
+        return "root"
     with _probe_lock:
         if _probed is None:
-            unshare = shutil.which("unshare")
-            _probed = False
-            if unshare is not None:
-                with contextlib.suppress(OSError, subprocess.SubprocessError):
-                    done = subprocess.run(
-                        [unshare, "--pid", "--kill-child", "--", "true"],
-                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL, timeout=10,
-                    )
-                    _probed = done.returncode == 0
+            _probed = "none" if probe_jail("userns") else "userns"
         return _probed
 
 
+def probe_jail(namespaces: str) -> str | None:
+    """Why a confined jail cannot be built here with ``namespaces`` (None: it can)."""
+    import tempfile
+
+    true = shutil.which("true") or "/bin/true"
+    with tempfile.TemporaryDirectory(prefix="sigpoll-probe-") as tmp:
+        jail = Jail(private_dir=tmp, namespaces=namespaces, confine=True)
+        try:
+            proc = UmlProcess([true], jail=jail, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        except OSError as exc:
+            return str(exc)
+        try:
+            proc.wait_started(30)
+        except JailError as exc:
+            return str(exc)
+        finally:
+            kill_group(proc)
+    return None
+
+
 class UmlProcess(subprocess.Popen):  # type: ignore[type-arg]
-    """A ``subprocess.Popen`` of a UML kernel that takes all its guest's processes with it.
+    """A ``subprocess.Popen`` of a UML kernel in its jail (see :mod:`._sandbox`).
 
-    Why: UML runs every guest process as a host process of its own, and one helper even
-    makes a session of its own.  PDEATHSIG kills the kernel with a SIGKILLed host, but not
-    those.  So, when :func:`pid_namespace_available` (or ``pid_namespace=True``), the kernel
-    runs as PID 1 of a private PID namespace, through ``unshare --pid --kill-child``: the
-    kernel dies with the launcher (``--kill-child``), the launcher with the host (the
-    PDEATHSIG of :func:`spawn_kwargs`), and when a namespace's PID 1 dies, Linux kills every
-    process in it.  Otherwise it is a plain Popen of the kernel.
-
-    ``pid`` is then the launcher's; :meth:`kernel_pid` is the kernel's own (for SIGIO, see
-    :class:`SigioNudger`).  The exit status is the kernel's either way (but for a kernel
-    killed by a signal: util-linux 2.38's launcher then exits with 1, not -SIGNAL), and
-    :func:`kill_group` cleans both up.
+    ``pid`` is the jail launcher's; :meth:`kernel_pid` is the kernel's (PID 1 of the jail's
+    PID namespace; for SIGIO, see :class:`SigioNudger`).  The exit status is the kernel's
+    (a kernel killed by a signal gives ``-SIGNAL``).  The launcher takes the kernel, every
+    process of its guest, the private directory and the ``jail.remove`` sockets with it if
+    this process dies; :func:`kill_group` cleans both up otherwise.  Call
+    :meth:`wait_started` (blocking) to learn whether the jail was built.
     """
 
-    def __init__(self, args: Sequence[str], *, pid_namespace: bool | None = None, **kwargs: Any) -> None:
-        if pid_namespace is None:
-            pid_namespace = pid_namespace_available()
-        self.pid_namespace = pid_namespace
-        argv = list(args)
-        if pid_namespace:
-            unshare = shutil.which("unshare") or "unshare"
-            argv = [unshare, "--pid", "--kill-child", "--", *argv]
-        super().__init__(argv, **kwargs)
-        self._kernel_pid: int | None = None if pid_namespace else self.pid
+    def __init__(self, args: Sequence[str], *, jail: Jail, **kwargs: Any) -> None:
+        alive_r, self._alive = os.pipe()
+        status_r, status_w = os.pipe()
+        self.jail = dataclasses.replace(jail, alive_fd=alive_r, status_fd=status_w)
+        pass_fds = [alive_r, status_w] + ([jail.netns_fd] if jail.netns_fd >= 0 else [])
+        try:
+            super().__init__(launcher_argv(self.jail, args), pass_fds=pass_fds, close_fds=True,
+                             start_new_session=True, stderr=subprocess.DEVNULL, **kwargs)
+        except BaseException:
+            os.close(self._alive)
+            os.close(status_r)
+            raise
+        finally:
+            os.close(alive_r)
+            os.close(status_w)
+        self._status = status_r
+        self._kernel_pid: int | None = None
+
+    def wait_started(self, timeout: float) -> None:
+        """Block until UML has started in its jail (or raise :class:`JailError` saying why not,
+        or ``TimeoutError``)."""
+        import json
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        data = b""
+        while self._status >= 0:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._status], [], [], left)[0]:
+                raise TimeoutError(f"the guest's jail was not ready in {timeout:g}s")
+            chunk = os.read(self._status, 4096)
+            if not chunk:
+                os.close(self._status)
+                self._status = -1
+                break
+            data += chunk
+        error: JailError | None = None
+        for line in data.splitlines():
+            with contextlib.suppress(ValueError):
+                message = json.loads(line)
+                if "kernel" in message:
+                    self._kernel_pid = int(message["kernel"])
+                if "error" in message:
+                    error = JailError(str(message["error"]), bool(message.get("unavailable")))
+        if error is not None:
+            raise error
+        if self._kernel_pid is None:
+            code = self.wait()
+            raise JailError(f"the guest's launcher exited with status {code} before starting the kernel")
 
     def kernel_pid(self) -> int | None:
-        """The UML kernel's host pid, or None while the launcher has not forked it yet (or
-        if it is gone)."""
+        """The UML kernel's host pid, or None while it is not known (or if it is gone)."""
         if self._kernel_pid is None:
             for name in os.listdir("/proc"):
-                if name.isdigit() and (stat := _stat(int(name))) is not None and int(stat[1]) == self.pid:
+                if name.isdigit() and (fields := proc_stat(int(name))) is not None and int(fields[1]) == self.pid:
                     self._kernel_pid = int(name)
                     break
         return self._kernel_pid
+
+    def release(self) -> None:
+        """Close the pipes to the launcher (once it is gone; idempotent)."""
+        for name in ("_alive", "_status"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
 
 class SigioNudger:

@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -472,12 +473,14 @@ class VhostUserBackend:
     """Serves one virtio device over a vhost-user unix socket.
 
     ``reply_ack=False`` stops offering REPLY_ACK, so frontends send everything
-    fire-and-forget (the setting that exposes the enable race).
+    fire-and-forget (the setting that exposes the enable race).  ``allow_uids`` are users
+    besides this one and root whose frontends are served (the guest runtime's jailed UML).
     """
 
-    def __init__(self, device: VirtioDevice, *, reply_ack: bool = True) -> None:
+    def __init__(self, device: VirtioDevice, *, reply_ack: bool = True, allow_uids: Collection[int] = ()) -> None:
         self.device = device
         self.reply_ack = reply_ack
+        self.allow_uids = frozenset(allow_uids)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.connection: _Connection | None = None
         self.sessions = 0  #: frontends served so far (finished or current)
@@ -503,7 +506,7 @@ class VhostUserBackend:
         try:
             while not self._stopping:
                 conn_sock, _ = await self.loop.sock_accept(self._listener)
-                if not peer_allowed(conn_sock):
+                if not peer_allowed(conn_sock, self.allow_uids):
                     # A frontend hands us memory to map and write: only our own user (or
                     # root) may be one, even if the socket's directory lets others in.
                     log.warning("vhost-user: refused a frontend that is neither this user nor root")
