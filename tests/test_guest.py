@@ -56,7 +56,9 @@ def test_cli_reports_a_missing_kernel_with_the_install_command() -> None:
 
 def test_a_kernel_that_refuses_to_boot_is_a_clear_error(run: Any, tmp_path: Any) -> None:
     fake = tmp_path / "linux"
-    fake.write_text("#!/bin/sh\necho 'Kernel panic - not syncing: no root'\nexit 3\n")
+    # It closes the console a moment before it exits, as a dying kernel may: the status, not
+    # a boot timeout, is what the user must see (issue 19 item 2).
+    fake.write_text("#!/bin/sh\necho 'Kernel panic - not syncing: no root'\nexec 0<&- 1>&- 2>&-\nsleep 1\nexit 3\n")
     fake.chmod(0o755)
 
     async def main() -> None:
@@ -87,6 +89,19 @@ def test_api_runs_commands_and_cleans_up_everything(run: Any) -> None:
                 assert (await g.run(["cat", f.name])).status != 0
                 r4 = await g.run(["cat", g.copy_in(f.name)])
                 assert (r4.status, r4.output) == (0, b"from the host's /tmp\n")
+            # Each command's output and status are its own (issue 18): a command that times
+            # out is killed, and nothing of it reaches the next one; nor of a cancelled one.
+            with pytest.raises(asyncio.TimeoutError, match="killed"):
+                await g.run("echo early; sleep 4; echo late; exit 7", timeout=1)
+            r5 = await g.run("echo next; pgrep -x sleep || echo none-left")
+            assert (r5.status, r5.output) == (0, b"next\nnone-left\n")
+            late = asyncio.ensure_future(g.run("sleep 4; echo late; exit 9"))
+            await asyncio.sleep(0.5)
+            late.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await late
+            r6 = await g.run("echo after; pgrep -x sleep || echo none-left")
+            assert (r6.status, r6.output) == (0, b"after\nnone-left\n")
         with pytest.raises(GuestError, match="not running"):
             g.copy_in(__file__)
         return pid, tmp

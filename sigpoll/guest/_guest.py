@@ -24,11 +24,14 @@ from ._netns import NetNamespace, NetnsUnavailable
 from ._init_script import (
     GUEST_DIR,
     PORTS_DIR,
+    CommandScanner,
     command_line,
     command_text,
     init_script,
     interactive_line,
+    interrupt_line,
     port_setup,
+    reap_line,
     share_mount_lines,
     share_setup,
 )
@@ -64,6 +67,8 @@ _VHOST_SOCKET = "virtio-console.sock"
 # A jailed guest's uid may run this many host processes (UML makes one per guest process):
 # a fork bomb in the guest stops there, not at the host's limit.
 _GUEST_NPROC = 4096
+# How long an interrupted command may take to be confirmed gone.
+_INTERRUPT_TIMEOUT = 10.0
 # How long cleanup waits for one server or task to close before it moves on.
 _CLOSE_TIMEOUT = 5.0
 
@@ -267,6 +272,8 @@ class Guest:
         self._backend: Any = None
         self._lock = asyncio.Lock()
         self._commands = 0
+        self._interrupted: int | None = None  # a command killed whose end is not yet seen
+        self._unusable = ""  # why the guest can take no more commands
         self.boot_seconds: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -601,52 +608,77 @@ class Guest:
 
         ``output`` is called with each piece of output as it arrives (then the result's
         ``output`` is empty, so gigabytes can stream through).  A string is run by the
-        guest's shell; a list is quoted first.
+        guest's shell; a list is quoted first.  After ``timeout`` seconds the command and
+        everything it started in its session are killed and ``TimeoutError`` is raised; a
+        cancelled run kills it too.  Each command's output and status are its own: nothing
+        of an interrupted command reaches the next one.  If the guest does not answer an
+        interruption, it is unusable: every later ``run`` raises :class:`GuestError`.
         """
         async with self._lock:
             reader, writer = self._require_running()
             assert self._tmp is not None
+            if self._unusable:
+                raise GuestError(self._unusable)
+            if self._interrupted is not None:
+                await self._settle(reader, self._interrupted)
             self._commands += 1
-            name = f"command-{self._commands}.sh"
+            number = self._commands
+            name = f"command-{number}.sh"
             with open(os.path.join(self._tmp, name), "w") as f:
                 f.write(command_text(command))
-            writer.write(command_line(self._token, f"{GUEST_DIR}/{name}"))
-            marker = f"@@{self._token}:EXIT:".encode()
+            os.chmod(os.path.join(self._tmp, name), 0o644)  # the jailed guest reads it
+            scanner = CommandScanner(self._token, number)
             collected = bytearray()
-            pending = b""
+            writer.write(command_line(self._token, number, f"{GUEST_DIR}/{name}"))
 
             async def collect() -> int:
-                nonlocal pending
-                while True:
+                while scanner.status is None:
                     data = await reader.read(1 << 16)
                     if not data:
                         raise GuestError("the guest's console closed while a command ran")
-                    pending += data
-                    at = pending.find(marker)
-                    if at >= 0:
-                        end = pending.find(b"@@\n", at + len(marker))
-                        if end < 0:
-                            continue  # the status has not fully arrived
-                        emit(pending[:at])
-                        # Nothing follows the marker: the quiet shell waits for the next
-                        # command line, and the console does not echo.
-                        return int(pending[at + len(marker) : end])
-                    # Hold back a tail that could be the start of a split marker.
-                    keep = len(marker) - 1
-                    if len(pending) > keep:
-                        emit(pending[:-keep])
-                        pending = pending[-keep:]
+                    chunk = scanner.feed(data)
+                    if chunk:
+                        if output is not None:
+                            output(chunk)
+                        else:
+                            collected.extend(chunk)
+                return scanner.status
 
-            def emit(chunk: bytes) -> None:
-                if not chunk:
-                    return
-                if output is not None:
-                    output(chunk)
-                else:
-                    collected.extend(chunk)
-
-            status = await asyncio.wait_for(collect(), timeout)
+            try:
+                status = await asyncio.wait_for(collect(), timeout)
+            except BaseException as exc:
+                if self._writer is not None and not isinstance(exc, GuestError):
+                    # Timed out or cancelled: kill it now; the next command (or this
+                    # timeout) waits for the guest to confirm.
+                    self._writer.write(interrupt_line(self._token, number))
+                    self._interrupted = number
+                if isinstance(exc, asyncio.TimeoutError):
+                    await self._settle(reader, number)
+                    raise asyncio.TimeoutError(f"the command did not finish in {timeout:g}s; it was killed") from None
+                raise
+            writer.write(reap_line(number))
             return CommandResult(status, bytes(collected))
+
+    async def _settle(self, reader: asyncio.StreamReader, number: int) -> None:
+        """Wait until interrupted command ``number`` is gone (its exit or kill marker), or
+        mark the guest unusable."""
+        scanner = CommandScanner(self._token, number)
+        scanner.started = True  # whatever it still prints is dropped
+
+        async def drain() -> None:
+            while not scanner.done:
+                data = await reader.read(1 << 16)
+                if not data:
+                    raise GuestError("the guest's console closed")
+                scanner.feed(data)
+
+        try:
+            await asyncio.wait_for(drain(), _INTERRUPT_TIMEOUT)
+        except (asyncio.TimeoutError, GuestError):
+            self._unusable = (f"the guest did not answer within {_INTERRUPT_TIMEOUT:g}s after command "
+                              f"{number} was interrupted; it is unusable (stop it)")
+            raise GuestError(self._unusable) from None
+        self._interrupted = None
 
     async def interact(self, escape: int = 0x1D) -> str:
         """Attach the user's terminal to an interactive shell in the guest.

@@ -1,4 +1,6 @@
-"""The guest's PID 1: a shell script built from the guest's configuration (pure, no I/O)."""
+"""The guest's PID 1, a shell script built from the guest's configuration, and the console
+protocol the host speaks with it: command lines in, marked output and statuses out (pure,
+no I/O)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,14 @@ from collections.abc import Sequence
 __all__ = [
     "GUEST_DIR",
     "PORTS_DIR",
+    "CommandScanner",
     "command_line",
     "command_text",
     "init_script",
     "interactive_line",
+    "interrupt_line",
     "port_setup",
+    "reap_line",
     "share_mount_lines",
     "share_setup",
 ]
@@ -130,18 +135,94 @@ def init_script(token: str, *, host_dir: str, read_only: bool, setup: Sequence[s
     return "\n".join(lines) + "\n"
 
 
-def command_line(token: str, script: str) -> bytes:
-    """What the host types to run the command in ``script`` and learn its exit status.
+def command_line(token: str, number: int, script: str) -> bytes:
+    """What the host types to run command ``number`` (its text in ``script``) in the guest.
 
     The command itself travels as a file (the guest sees the host's root, and with it the
     guest's private directory): the console line stays short whatever the command is, so
     neither the tty's 4095-byte line limit nor UML's console input path (which loses input
     once the guest's tty throttles) can touch it, and no quoting is needed.  It runs in a
     subshell with stdin from /dev/null, so ``exit`` or ``set -e`` cannot end the guest's
-    command loop and the command cannot swallow the host's next line.  The status comes
-    back as ``@@TOKEN:EXIT:N@@``.
+    command loop and the command cannot swallow the host's next line.
+
+    It runs in the background, in a session of its own (``setsid``): the guest's command
+    loop stays free to read the next line, so :func:`interrupt_line` (or a power-off) works
+    while it runs.  Its output is framed by markers carrying ``token`` and ``number``:
+    ``@@TOKEN:START:N@@`` before it, ``@@TOKEN:EXIT:N:STATUS@@`` after it, so output and
+    status of one command can never be taken for another's.
     """
-    return f"( . {shlex.quote(script)} ) </dev/null; printf '@@%s:EXIT:%d@@\\n' {token} $?\n".encode()
+    body = (f'printf "@@%s:START:%s@@\\n" {token} {number}; ( . "$1" ) </dev/null; '
+            f'printf "@@%s:EXIT:%s:%d@@\\n" {token} {number} $?')
+    return (f"setsid sh -c {shlex.quote(body)} sh {shlex.quote(script)} </dev/null & "
+            f"_sp_{number}=$!\n").encode()
+
+
+def reap_line(number: int) -> bytes:
+    """Collect command ``number``'s wrapper once it has printed its exit marker (the guest's
+    PID 1 must reap what it started)."""
+    return f"wait $_sp_{number} 2>/dev/null\n".encode()
+
+
+def interrupt_line(token: str, number: int) -> bytes:
+    """Kill command ``number`` and everything in its session; the guest answers
+    ``@@TOKEN:KILLED:N@@`` once it is gone."""
+    return (f"kill -KILL -$_sp_{number} 2>/dev/null; wait $_sp_{number} 2>/dev/null; "
+            f"printf '@@%s:KILLED:%s@@\\n' {token} {number}\n").encode()
+
+
+class CommandScanner:
+    """Picks one command's output and status out of the guest's console stream (pure).
+
+    :meth:`feed` takes console bytes and returns the output that belongs to command
+    ``number``: nothing before its start marker (leftovers of an earlier, interrupted
+    command), and nothing of the markers.  :attr:`status` is set when its exit marker
+    arrives, :attr:`killed` when an interruption's does; :attr:`done` is either.  A tail
+    that may be the start of a split marker is held back until the next feed.
+    """
+
+    def __init__(self, token: str, number: int) -> None:
+        self._start = f"@@{token}:START:{number}@@\n".encode()
+        self._exit = f"@@{token}:EXIT:{number}:".encode()
+        self._killed = f"@@{token}:KILLED:{number}@@\n".encode()
+        self._pending = b""
+        self.started = False
+        self.status: int | None = None
+        self.killed = False
+
+    @property
+    def done(self) -> bool:
+        return self.status is not None or self.killed
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return b""
+        self._pending += data
+        out = b""
+        if not self.started:
+            at = self._pending.find(self._start)
+            if at < 0:
+                if self._killed in self._pending:  # interrupted before it even started
+                    self.killed = True
+                self._pending = self._pending[-len(self._killed):]
+                return b""
+            self.started = True
+            self._pending = self._pending[at + len(self._start):]
+        at = self._pending.find(self._exit)
+        if at >= 0:
+            end = self._pending.find(b"@@\n", at + len(self._exit))
+            if end < 0:
+                out, self._pending = self._pending[:at], self._pending[at:]  # status not all here
+                return out
+            self.status = int(self._pending[at + len(self._exit):end])
+            return self._pending[:at]
+        at = self._pending.find(self._killed)
+        if at >= 0:
+            self.killed = True
+            return self._pending[:at]
+        keep = max(len(self._exit), len(self._killed)) - 1
+        if len(self._pending) > keep:
+            out, self._pending = self._pending[:-keep], self._pending[-keep:]
+        return out
 
 
 def command_text(argv: str | Sequence[str]) -> str:
