@@ -1,0 +1,254 @@
+"""A hostile guest gains nothing on the host (issue 13 item 1), against a real UML guest.
+
+Two attackers, one guest boot each:
+
+- the guest's root, inside the guest: it remounts its root read-write, mounts host paths with
+  hostfs, writes, reads, chmods and mknods through them;
+- the guest kernel itself, which may run any code as the UML process: played by a process
+  with UML's credentials in UML's namespaces (``nsenter`` into them, UML's uid and gid,
+  ``no_new_privs``), which tries the same and more (remount, a user namespace of its own,
+  device nodes, host processes, the host's network).
+
+Both must leave no file on the host outside the guest's own scratch tmpfs, read nothing that
+only root may read, and the UML process must hold no privilege.
+
+The attacks are aimed so that even a broken runtime (an unconfined UML, as root) damages
+nothing: they only create marker files (looked for and removed afterwards), change a file and
+mount on a directory the test made itself, and the guest kernel's part is only played once
+UML is seen to run unprivileged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import sigpoll
+from sigpoll.guest import Guest, _uml
+
+try:
+    _uml.find_kernel()
+except _uml.UmlNotFound as exc:  # pragma: no cover - on these machines UML is installed
+    pytestmark = pytest.mark.skip(reason=str(exc))
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Host directories a guest must not write (root-owned, world-writable and the checkout).
+TARGETS = ["/etc", "/root", "/tmp", "/var/tmp", CHECKOUT]
+
+
+def _run_loop(coro: Any, timeout: float = 180) -> Any:
+    loop = sigpoll.new_event_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+    finally:
+        loop.close()
+
+
+@pytest.fixture
+def marker() -> Iterator[str]:
+    """A file name the attacks create; afterwards none may exist (any found is removed)."""
+    name = f"sigpoll-attack-{secrets.token_hex(4)}"
+    yield name
+    for target in TARGETS:
+        for path in (os.path.join(target, name), os.path.join(target, f"{name}-kmsg")):
+            if os.path.lexists(path):
+                os.unlink(path)
+
+
+@pytest.fixture
+def victim() -> Iterator[str]:
+    """A root-owned file, mode 0755, in a root-owned directory: what the guest tries to chmod,
+    chown and mount over (the directory)."""
+    where = tempfile.mkdtemp(prefix="sigpoll-victim-", dir="/var/tmp")
+    os.chmod(where, 0o755)
+    path = os.path.join(where, "tool")
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n")
+    os.chmod(path, 0o755)
+    yield path
+    subprocess.run(["umount", "-l", where], capture_output=True)  # only if an attack mounted
+    shutil.rmtree(where, ignore_errors=True)
+
+
+def _found(name: str, extra: list[str] = ()) -> list[str]:  # type: ignore[assignment]
+    return [os.path.join(d, name) for d in [*TARGETS, *extra] if os.path.lexists(os.path.join(d, name))]
+
+
+def _guest_attack(name: str, private_dir: str, victim: str) -> str:
+    """The guest root's attempts; each prints a line starting with GAINED if it succeeds."""
+    targets = " ".join(shlex.quote(t) for t in [*TARGETS, private_dir])
+    return f"""
+N={name}
+mount -o remount,rw / 2>/dev/null && touch /etc/$N 2>/dev/null && echo "GAINED remount rw + write /etc"
+mkdir -p /tmp/h && mount -t hostfs none /tmp/h -o / || echo "NO-HOSTFS"
+for d in {targets}; do
+  touch "/tmp/h$d/$N" 2>/dev/null && echo "GAINED write through hostfs of /: $d"
+done
+i=0
+for d in {targets}; do
+  i=$((i + 1)); mkdir -p /tmp/m$i
+  mount -t hostfs none /tmp/m$i -o "$d" 2>/dev/null && touch /tmp/m$i/$N 2>/dev/null && echo "GAINED write through hostfs of $d"
+done
+head -c 1 /tmp/h/etc/shadow >/dev/null 2>&1 && echo "GAINED read /etc/shadow"
+ls /tmp/h/root >/dev/null 2>&1 && echo "GAINED list /root"
+chmod 4755 /tmp/h{victim} 2>/dev/null && echo "GAINED chmod u+s {victim}"
+chown 1:1 /tmp/h{victim} 2>/dev/null && echo "GAINED chown {victim}"
+for d in /tmp /run/uml; do
+  mknod /tmp/h$d/$N-kmsg c 1 11 2>/dev/null && echo "GAINED mknod in $d" && \\
+    head -c 16 /tmp/h$d/$N-kmsg >/dev/null 2>&1 && echo "GAINED read the node in $d"
+done
+touch /tmp/h/run/uml/$N && echo "SCRATCH-WRITABLE"
+echo ATTACK-DONE
+"""
+
+
+def _kernel_attack(name: str, host_pid: int, victim: str) -> str:
+    """The guest kernel's attempts, as a process of the UML process's kind."""
+    targets = " ".join(shlex.quote(t) for t in [*TARGETS, "/run/sigpoll"])
+    return f"""
+N={name}
+for d in {targets}; do touch "$d/$N" 2>/dev/null && echo "GAINED write $d"; done
+head -c 1 /etc/shadow >/dev/null 2>&1 && echo "GAINED read /etc/shadow"
+ls /root >/dev/null 2>&1 && echo "GAINED list /root"
+mount -o remount,rw / 2>/dev/null && echo "GAINED remount rw"
+mount -t tmpfs none {os.path.dirname(victim)} 2>/dev/null && echo "GAINED mount"
+unshare -Urm sh -c 'mount -o remount,rw / && touch /etc/$N' 2>/dev/null && echo "GAINED remount rw in a user namespace"
+unshare -Urm sh -c 'mount -o remount,bind,rw / && touch /etc/$N' 2>/dev/null && echo "GAINED rw bind in a user namespace"
+head -c 1 /dev/kmsg >/dev/null 2>&1 && echo "GAINED read /dev/kmsg"
+head -c 1 /dev/mem >/dev/null 2>&1 && echo "GAINED read /dev/mem"
+mknod /run/uml/$N-kmsg c 1 11 2>/dev/null && echo "GAINED mknod"
+chmod 4755 {victim} 2>/dev/null && echo "GAINED chmod"
+test -e /proc/{host_pid} && echo "GAINED see host process {host_pid}"
+awk -F: 'NR > 2 {{ gsub(/ /, "", $1); if ($1 != "lo" && $1 != "tap0") print "GAINED host network " $1 }}' /proc/net/dev
+touch /run/uml/$N && echo "SCRATCH-WRITABLE"
+echo ATTACK-DONE
+"""
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def _mounts(pid: int) -> list[tuple[str, str, str, set[str]]]:
+    """(mount point, fs type, source, options) of each mount process ``pid`` sees."""
+    found = []
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            head, _, tail = line.partition(" - ")
+            fields, extra = head.split(), tail.split()
+            found.append((fields[4], extra[0], extra[1], set(fields[5].split(","))))
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the jail of a root-started guest (the case that mattered) needs root")
+@pytest.mark.timeout(300)
+def test_a_hostile_guest_gains_nothing_on_the_host(marker: str, victim: str, tmp_path: Any) -> None:
+    export = tmp_path / "export"
+    export.mkdir()
+    before = os.stat(victim)
+    scratch_dirs_before = set(os.listdir(tempfile.gettempdir()))
+
+    async def main() -> tuple[str, str, dict[str, str], list[Any], dict[str, str], str]:
+        async with Guest(shares=[f"{export}:x"], ports=["p"]) as g:
+            assert g.pid is not None and g.tmpdir is not None and g.confined
+            inside = await g.run(_guest_attack(marker, g.tmpdir, victim), timeout=120)
+            assert b"GAINED" not in inside.output, inside.output.decode(errors="replace")
+            status = _status(g.pid)
+            mounts = _mounts(g.pid)
+            namespaces = {ns: os.readlink(f"/proc/{g.pid}/ns/{ns}") for ns in ("mnt", "pid", "net", "ipc", "user")}
+            uid, gid = status["Uid"].split()[0], status["Gid"].split()[0]
+            # Never play a hostile kernel with root's rights on this machine.
+            assert uid != "0", "UML runs as root: the guest kernel would be host root"
+            # The guest kernel's own rights: a process with them, where it is.
+            kernel = await asyncio.to_thread(
+                subprocess.run,
+                ["nsenter", "-t", str(g.pid), "-m", "-n", "-i", "-p", "-S", uid, "-G", gid,
+                 "setpriv", "--no-new-privs", "sh", "-c", _kernel_attack(marker, os.getpid(), victim)],
+                capture_output=True, text=True, timeout=60,
+            )
+            # The share still works from inside the jail (the tap is the guest's uid's).
+            share = await g.run("echo through-9p > /mnt/x/f && cat /mnt/x/f")
+            assert (share.status, share.output) == (0, b"through-9p\n")
+        return inside.output.decode(errors="replace"), kernel.stdout + kernel.stderr, status, mounts, namespaces, uid
+
+    inside, kernel, status, mounts, namespaces, uid = _run_loop(main())
+
+    assert "ATTACK-DONE" in inside and "NO-HOSTFS" not in inside, inside
+    assert "SCRATCH-WRITABLE" in inside, inside  # the attacks ran where they could have worked
+    assert "GAINED" not in inside, inside
+    assert "ATTACK-DONE" in kernel and "SCRATCH-WRITABLE" in kernel, kernel
+    assert "GAINED" not in kernel, kernel
+    assert not _found(marker), "the guest wrote host files"
+    after = os.stat(victim)
+    assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid, before.st_gid)
+
+    # The UML process holds nothing: a fresh uid/gid, no groups, no capabilities at all.
+    assert int(uid) >= _uml.GUEST_ID_BASE, status["Uid"]
+    assert len(set(status["Uid"].split())) == 1 and len(set(status["Gid"].split())) == 1
+    assert status["Groups"].strip() == ""
+    assert status["NoNewPrivs"].strip() == "1"
+    for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[caps], 16) == 0, (caps, status[caps])
+    # ... in namespaces of its own (a root guest needs no user namespace) ...
+    for ns in ("mnt", "pid", "net", "ipc"):
+        assert namespaces[ns] != os.readlink(f"/proc/self/ns/{ns}"), ns
+    # ... where every mount is read-only, nosuid and nodev but the jail's own few.
+    writable = {point for point, *_, options in mounts if "rw" in options}
+    assert writable <= {"/run", "/dev/pts", "/dev/ptmx", "/dev/net/tun"}, writable
+    with_devices = {point for point, *_, options in mounts if "nodev" not in options}
+    assert with_devices <= {"/dev/pts", "/dev/ptmx", "/dev/net/tun"}, with_devices
+    assert all("nosuid" in options for *_, options in mounts), mounts
+    assert set(os.listdir(tempfile.gettempdir())) <= scratch_dirs_before | {marker}
+
+
+_SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _system_python_runs_sigpoll() -> bool:
+    if not os.path.exists(_SYSTEM_PYTHON):
+        return False
+    done = subprocess.run([_SYSTEM_PYTHON, "-c", "import _cffi_backend"], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root")
+@pytest.mark.skipif(not _system_python_runs_sigpoll(), reason="no system python3 with cffi for another user")
+@pytest.mark.skipif(_uml.probe_jail("userns") is not None, reason="no unprivileged user namespaces here")
+@pytest.mark.timeout(200)
+def test_a_guest_of_an_unprivileged_user_cannot_write_that_users_files(marker: str) -> None:
+    # `nobody` may write /tmp on the host; its guest (jailed in a user namespace) may not.
+    if not all(os.access(p, os.R_OK | os.X_OK) for p in (CHECKOUT, os.path.join(CHECKOUT, "sigpoll"))):
+        pytest.skip("the checkout is not readable by other users")
+    script = (f"N={marker}; mkdir -p /tmp/h && mount -t hostfs none /tmp/h -o / && "
+              "touch /tmp/h/tmp/$N 2>/dev/null && echo GAINED-tmp; "
+              "mount -o remount,rw / 2>/dev/null; touch /tmp/h/tmp/$N 2>/dev/null && echo GAINED-remount; "
+              "head -c 1 /tmp/h/etc/shadow >/dev/null 2>&1 && echo GAINED-shadow; "
+              "touch /tmp/h/run/uml/ok && echo SCRATCH-WRITABLE")
+    done = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "env", "HOME=/tmp",
+         f"PYTHONPATH={CHECKOUT}", _SYSTEM_PYTHON, "-m", "sigpoll.guest", "run", "--", "sh", "-c", script],
+        capture_output=True, text=True, timeout=150, cwd="/",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "jailed" in done.stderr and "warning" not in done.stderr.lower(), done.stderr
+    assert "SCRATCH-WRITABLE" in done.stdout and "GAINED" not in done.stdout, done.stdout
+    assert not _found(marker)
+
+
+def test_the_trusted_mode_says_so() -> None:
+    # --rw is the one way to give the guest the invoking user's rights, and it warns.
+    done = subprocess.run([sys.executable, "-m", "sigpoll.guest", "run", "--rw", "--", "true"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "trusts the guest" in done.stderr and "unconfined" in done.stderr
