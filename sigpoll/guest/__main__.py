@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from .._loop import new_event_loop
@@ -48,12 +49,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _main(args: argparse.Namespace, command: list[str]) -> int:
-    # SIGTERM/SIGHUP cancel the work, so the finally below cleans the guest up.
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(signum, task.cancel)  # type: ignore[union-attr]
+# After a stop signal (or at the end), the guest must be gone within this many seconds, even
+# if something of it hangs in the host (a share server thread stuck in a system call): then
+# the process leaves without it.  Everything that outlives the process (the guest's processes,
+# namespaces, directory and sockets) is removed before that point or by the jail's launcher.
+_CLEANUP_DEADLINE = 30.0
+
+
+def _leave_after(seconds: float, status: list[int]) -> None:
+    """Exit with ``status[0]`` after ``seconds`` unless the process has exited by then."""
+    import threading
+
+    def watchdog() -> None:
+        time.sleep(seconds)
+        _status(f"cleanup did not finish in {seconds:g}s (a share server is stuck in the host?); leaving")
+        sys.stdout.flush()
+        os._exit(status[0])
+
+    threading.Thread(target=watchdog, name="sigpoll-guest-exit", daemon=True).start()
+
+
+async def _main(args: argparse.Namespace, command: list[str], final: list[int]) -> int:
     try:
         guest = Guest(
             kernel=args.kernel,
@@ -68,12 +84,9 @@ async def _main(args: argparse.Namespace, command: list[str]) -> int:
     except ValueError as exc:
         _status(str(exc))
         return 2
+    stopped = False
     try:
         await guest.start()
-    except BootError as exc:
-        _status(str(exc))
-        return 1
-    try:
         if command:
             out = sys.stdout.buffer
 
@@ -90,11 +103,22 @@ async def _main(args: argparse.Namespace, command: list[str]) -> int:
         reason = await guest.interact()
         _status(reason)
         return 0
+    except BootError as exc:
+        _status(str(exc))
+        return 1
     except GuestError as exc:
         _status(str(exc))
         return 1
+    except asyncio.CancelledError:
+        stopped = True
+        raise
     finally:
-        await guest.stop()
+        _leave_after(_CLEANUP_DEADLINE, final)
+        await guest.stop(timeout=_STOP_TIMEOUT if stopped else 20.0)
+
+
+# A stopped command's guest gets this long to power off before it is killed.
+_STOP_TIMEOUT = 3.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,16 +129,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = command[1:]
     if command and command[0].startswith("-"):
         parser.error(f"unknown option {command[0]!r} (put the guest command after --)")
-    loop = new_event_loop()
-    try:
-        return loop.run_until_complete(_main(args, command))
-    except KeyboardInterrupt:
-        return 130
-    except asyncio.CancelledError:
-        _status("stopped by a signal; guest cleaned up")
-        return 143
-    finally:
-        loop.close()
+    final = [1]  # the status a watchdog exit uses
+    signum: list[int] = []
+
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def on_signal(n: int) -> None:
+            if not signum:
+                signum.append(n)
+                final[0] = 128 + n
+            task.cancel()
+
+        for n in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(n, on_signal, n)
+        try:
+            return await _main(args, command, final)
+        except asyncio.CancelledError:
+            if not signum:
+                raise
+            return 128 + signum[0]
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        status = runner.run(guarded())
+    return 128 + signum[0] if signum else status
 
 
 if __name__ == "__main__":

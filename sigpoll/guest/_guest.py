@@ -116,6 +116,13 @@ def _guest_python(jail: _uml.Jail) -> str:
                     "install the system's python3")
 
 
+def _socket_error(exc: OSError) -> str:
+    if "too long" in str(exc):
+        return ("the path is longer than a unix socket's 107 bytes (for the guest's own sockets, "
+                "set TMPDIR to a shorter directory)")
+    return exc.strerror or str(exc)
+
+
 def _user_name() -> str:
     import pwd
 
@@ -419,7 +426,10 @@ class Guest:
         jailed_uid = jail.uid if jail.confine and jail.namespaces == "root" else None
         self._backend = backend = VhostUserBackend(device, allow_uids=() if jailed_uid is None else (jailed_uid,))
         sock = os.path.join(self._tmp, _VHOST_SOCKET)
-        backend.listen(sock)
+        try:
+            backend.listen(sock)
+        except OSError as exc:
+            raise BootError(f"cannot listen on {sock}: {_socket_error(exc)}") from None
         if jailed_uid is not None:
             os.chown(sock, jailed_uid, jail.gid)  # still mode 0600: that uid, us and root
         ports_dir = os.path.join(self._tmp, "ports")
@@ -429,7 +439,7 @@ class Guest:
             try:
                 ps.listen()
             except OSError as exc:
-                raise BootError(f"port {name}: cannot listen on {ps.path}: {exc.strerror or exc}") from None
+                raise BootError(f"port {name}: cannot listen on {ps.path}: {_socket_error(exc)}") from None
             self._port_sockets[name] = ps
             if path:
                 jail.remove.append(path)  # outside the private directory: the launcher's to remove
