@@ -58,11 +58,14 @@ def test_a_kernel_that_refuses_to_boot_is_a_clear_error(run: Any, tmp_path: Any)
     fake = tmp_path / "linux"
     # It closes the console a moment before it exits, as a dying kernel may: the status, not
     # a boot timeout, is what the user must see (issue 19 item 2).
-    fake.write_text("#!/bin/sh\necho 'Kernel panic - not syncing: no root'\nexec 0<&- 1>&- 2>&-\nsleep 1\nexit 3\n")
+    # What UML says on stderr (its reason for not booting, such as too little memory) is shown
+    # too (issue 17 item 7).
+    fake.write_text("#!/bin/sh\necho 'Kernel panic - not syncing: no root'\necho 'Too few physical memory!' >&2\n"
+                    "exec 0<&- 1>&- 2>&-\nsleep 1\nexit 3\n")
     fake.chmod(0o755)
 
     async def main() -> None:
-        with pytest.raises(BootError, match=r"(?s)exited with status 3.*Kernel panic"):
+        with pytest.raises(BootError, match=r"(?s)exited with status 3.*Kernel panic.*Too few physical memory"):
             async with Guest(kernel=str(fake), boot_timeout=20):
                 pass
 

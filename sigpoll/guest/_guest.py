@@ -525,6 +525,7 @@ class Guest:
                 # its status a moment later.  Wait for that (bounded) before saying which.
                 code = await asyncio.to_thread(_wait_briefly, self._proc, _EXIT_GRACE)
             tail = partial.decode(errors="replace").strip().splitlines()[-8:]
+            tail += self._proc.stderr_lines()
             why = f"exited with status {code}" if code is not None else f"not ready after {self.boot_timeout:g}s"
             raise BootError(f"the guest kernel {why}" + ("; last lines:\n  " + "\n  ".join(tail) if tail else "")) from None
         self.boot_seconds = time.monotonic() - t0

@@ -254,6 +254,9 @@ def probe_jail(namespaces: str) -> str | None:
     return None
 
 
+_STDERR_KEPT = 8192
+
+
 class UmlProcess(subprocess.Popen):  # type: ignore[type-arg]
     """A ``subprocess.Popen`` of a UML kernel in its jail (see :mod:`._sandbox`).
 
@@ -272,7 +275,7 @@ class UmlProcess(subprocess.Popen):  # type: ignore[type-arg]
         pass_fds = [alive_r, status_w] + ([jail.netns_fd] if jail.netns_fd >= 0 else [])
         try:
             super().__init__(launcher_argv(self.jail, args), pass_fds=pass_fds, close_fds=True,
-                             start_new_session=True, stderr=subprocess.DEVNULL, **kwargs)
+                             start_new_session=True, stderr=subprocess.PIPE, **kwargs)
         except BaseException:
             os.close(self._alive)
             os.close(status_r)
@@ -282,6 +285,22 @@ class UmlProcess(subprocess.Popen):  # type: ignore[type-arg]
             os.close(status_w)
         self._status = status_r
         self._kernel_pid: int | None = None
+        # UML says why it will not boot on stderr ("Too few physical memory!"): keep the end.
+        self._stderr_tail = bytearray()
+        threading.Thread(target=self._read_stderr, name="sigpoll-uml-stderr", daemon=True).start()
+
+    def _read_stderr(self) -> None:
+        assert self.stderr is not None
+        fd = self.stderr.fileno()
+        with contextlib.suppress(OSError, ValueError):
+            while chunk := os.read(fd, 4096):
+                self._stderr_tail += chunk
+                del self._stderr_tail[:-_STDERR_KEPT]
+
+    def stderr_lines(self, count: int = 8) -> list[str]:
+        """The last lines UML (or its jail's launcher) wrote to stderr."""
+        text = bytes(self._stderr_tail).decode(errors="replace")
+        return [line for line in text.strip().splitlines() if line.strip()][-count:]
 
     def wait_started(self, timeout: float) -> None:
         """Block until UML has started in its jail (or raise :class:`JailError` saying why not,
