@@ -12,7 +12,21 @@ import stat
 import warnings
 from typing import Literal, Protocol, Union
 
-from ._core import ffi, lib
+try:
+    from ._core import ffi, lib
+except ModuleNotFoundError as exc:  # the C core is not built where sigpoll was imported from
+    if exc.name != f"{__package__}._core":
+        raise
+    _here = os.path.dirname(os.path.abspath(__file__))
+    # name= the package: `python -m sigpoll.X` then prints this one line, not a traceback.
+    raise ImportError(
+        f"sigpoll's C core is not built in {_here}"
+        + (" (a source checkout, which shadows the installed sigpoll): run from another "
+           "directory, or build it here with `pip install -e .`"
+           if os.path.exists(os.path.join(_here, os.pardir, "csrc")) else
+           ": reinstall sigpoll (`pip install --force-reinstall sigpoll`)"),
+        name=__package__,
+    ) from None
 from ._errors import PollerClosedError, SignalMaskWarning
 from ._signals import DEFAULT_SIGNAL, check_signal_free, threads_not_blocking
 

@@ -613,7 +613,7 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         # A read pipe transport has no abort(); closing it drops its buffered input too.
         for t in (self.transport, self._writer if self._writer is not self.transport else None):
-            if t is not None:
+            if t is not None and not t.is_closing():  # a closed pipe transport's abort() raises
                 getattr(t, "abort", t.close)()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -622,7 +622,7 @@ class _Connection(asyncio.Protocol):
         self.lost = True
         self._out.clear()
         self._backlog.clear()
-        if self._writer is not None and self._writer is not self.transport:
+        if self._writer is not None and self._writer is not self.transport and not self._writer.is_closing():
             self._writer.close()
         if self.refused:
             if not self.closed.done():
