@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import tty as stty
+from .._cli import format_size, parse_size, port_name
 from . import _uml
 from ._netns import NetNamespace, NetnsUnavailable
 from ._init_script import (
@@ -36,7 +37,7 @@ from ._init_script import (
     share_setup,
 )
 
-__all__ = ["BootError", "CommandResult", "Guest", "GuestError"]
+__all__ = ["MIN_MEM", "BootError", "CommandResult", "Guest", "GuestError", "physical_memory"]
 
 log = logging.getLogger("sigpoll.guest")
 
@@ -158,40 +159,36 @@ def _parse_port(spec: str | tuple[str, str | None]) -> tuple[str, str | None]:
             if not where.startswith("unix:") or len(where) <= 5:
                 raise ValueError(f"port {spec!r}: expected NAME or NAME=unix:PATH")
             path = where[5:]
-    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.startswith("."):
-        raise ValueError(f"port name {name!r}: use letters, digits, '-', '_' or '.'")
-    if len(name) > 64:
-        raise ValueError(f"port name {name!r} is longer than 64 characters")
+    port_name(name)  # the rule every command shares
     return name, os.path.abspath(path) if path else None
 
 
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 #: UML does not boot with less (its own minimum is lower, but then the guest's init fails).
 MIN_MEM = 32 << 20
 # The jail's /run tmpfs holds UML's memory file (mem bytes) and its uml_dir: room for both.
 _SCRATCH_EXTRA = 64 << 20
 
 
-def _parse_mem(mem: str | int) -> int:
-    """Guest memory as UML takes it (``256M``, ``1G``, ``65536K`` or bytes) -> bytes, checked
-    against what UML needs and what this machine has."""
-    if isinstance(mem, int):
-        size = mem
-    else:
-        text = mem.strip().upper()
-        unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
-        number = text[: len(text) - len(unit)]
-        if not number.isdigit():
-            raise ValueError(f"mem {mem!r}: expected a size such as 256M or 1G")
-        size = int(number) * _SIZE_UNITS[unit]
-    if size < MIN_MEM:
-        raise ValueError(f"mem {mem!r}: the guest needs at least {MIN_MEM >> 20}M")
+def physical_memory() -> int:
+    """This machine's memory in bytes (0 if unknown)."""
     try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (OSError, ValueError):
-        physical = 0
+        return 0
+
+
+def _parse_mem(mem: str | int) -> int:
+    """Guest memory (``256M``, ``1G``, ``65536K`` or a number of bytes) -> bytes, checked
+    against what UML needs and what this machine has."""
+    try:
+        size = mem if isinstance(mem, int) else parse_size(mem)
+    except ValueError as exc:
+        raise ValueError(f"mem: {exc}") from None
+    if size < MIN_MEM:
+        raise ValueError(f"mem {format_size(size)}: the guest needs at least {format_size(MIN_MEM)}")
+    physical = physical_memory()
     if physical and size > physical:
-        raise ValueError(f"mem {mem!r}: more than this machine's {physical >> 20}M of memory")
+        raise ValueError(f"mem {format_size(size)}: more than this machine's {format_size(physical)} of memory")
     return size
 
 
@@ -226,7 +223,7 @@ class Guest:
         self,
         *,
         kernel: str | None = None,
-        mem: str = "256M",
+        mem: str | int = "256M",
         read_only: bool = True,
         setup: Sequence[str] = (),
         extra_args: Sequence[str] = (),
@@ -253,8 +250,8 @@ class Guest:
         if len(set(paths)) != len(paths):
             raise ValueError(f"port sockets must differ: {paths}")
         self.kernel = kernel
-        self.mem = mem
         self.mem_bytes = _parse_mem(mem)
+        self.mem = format_size(self.mem_bytes)  # as UML takes it
         if not boot_timeout > 0:
             raise ValueError(f"boot_timeout must be a positive number of seconds, not {boot_timeout!r}")
         self.read_only = read_only
@@ -405,8 +402,16 @@ class Guest:
     async def open_port(self, name: str, *, limit: int = 1 << 20) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect to port ``name``'s socket: what the host writes, the guest reads at
         /dev/virtio-ports/NAME, and the other way round.  The guest closing the port ends
-        the stream (EOF after everything it wrote); one connection at a time."""
-        return await asyncio.open_unix_connection(self.port_path(name), limit=limit)
+        the stream (EOF after everything it wrote); one connection at a time.  It returns
+        once the port's host side is open, so a guest that reads the port from then on sees
+        this connection's bytes, not an end of file for want of a host."""
+        ps = self._port_sockets.get(name)
+        served = ps.clients if ps is not None else 0
+        streams = await asyncio.open_unix_connection(self.port_path(name), limit=limit)
+        deadline = time.monotonic() + _CLOSE_TIMEOUT
+        while ps is not None and ps.clients == served and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)  # the port's server accepts in a task of its own
+        return streams
 
     def _start_ports(self, jail: _uml.Jail) -> tuple[list[str], list[str]]:
         """Serve a virtio console whose named ports are the guest's ports, each exposed as a

@@ -492,7 +492,7 @@ class VhostUserBackend:
     def listen(self, path: str) -> socket.socket:
         """Create the listening socket, mode 0600 (replacing a stale socket file at ``path``;
         any other file there is a :class:`FileExistsError`)."""
-        self._listener = listen_unix(path)
+        self._listener = listen_unix(path, allow_uids=self.allow_uids)
         return self._listener
 
     async def serve(self, path: str | None = None) -> None:
