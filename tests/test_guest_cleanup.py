@@ -251,42 +251,39 @@ time.sleep(600)
 """
 
 
+def _stop(g: Leftovers, proc: subprocess.Popen[bytes], signum: int, within: float) -> None:
+    """Send ``signum``; the command exits 128 + it, says no traceback, leaves nothing."""
+    try:
+        proc.send_signal(signum)
+        status, err = _finish(proc, within=within)
+        assert status == 128 + signum, err
+        _no_traceback(err)
+        g.assert_clean()
+    finally:
+        proc.kill()
+        g.kill()
+
+
 @pytest.mark.timeout(150)
 def test_sigterm_with_a_stuck_share_server_leaves_nothing_behind(tmp_path: Any) -> None:
     g = Leftovers(tmp_path, ["sh", "-c", "python3 /mnt/x/open-fifo.py & sleep 60"])
     os.mkfifo(tmp_path / "export" / "fifo")
     (tmp_path / "export" / "open-fifo.py").write_text(_OPEN_A_FIFO)
     proc = _start(g)
-    try:
-        # Wait (a while) for a server thread to be stuck in open(2).  A server that never
-        # blocks on FIFOs makes this the plain SIGTERM case, which must hold as well.
-        deadline = time.monotonic() + 15
-        while not _blocked_on_a_fifo(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        status, err = _finish(proc, within=90)
-        assert status == 128 + signal.SIGTERM, err
-        _no_traceback(err)
-        g.assert_clean()
-    finally:
-        proc.kill()
-        g.kill()
+    # Wait (a while) for a server thread to be stuck in open(2).  A server that never blocks
+    # on FIFOs makes this the plain SIGTERM case, which must hold as well.
+    deadline = time.monotonic() + 15
+    while not _blocked_on_a_fifo(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _stop(g, proc, signal.SIGTERM, within=90)
 
 
 @pytest.mark.timeout(120)
 def test_sighup_with_a_hung_guest_leaves_nothing_behind(tmp_path: Any) -> None:
     g = Leftovers(tmp_path, ["sleep", "60"])
     proc = _start(g)
-    try:
-        os.kill(g.kernel, signal.SIGSTOP)  # the guest kernel hangs: it answers nothing now
-        proc.send_signal(signal.SIGHUP)
-        status, err = _finish(proc, within=60)
-        assert status == 128 + signal.SIGHUP, err
-        _no_traceback(err)
-        g.assert_clean()
-    finally:
-        proc.kill()
-        g.kill()
+    os.kill(g.kernel, signal.SIGSTOP)  # the guest kernel hangs: it answers nothing now
+    _stop(g, proc, signal.SIGHUP, within=60)
 
 
 @pytest.mark.timeout(120)
