@@ -158,17 +158,12 @@ def test_xxd_of_64_mib_over_the_console(run: Any) -> None:
     assert digest == expected.hexdigest()
 
 
-def _guest_dirs() -> set[str]:
-    tmp = tempfile.gettempdir()
-    return {name for name in os.listdir(tmp) if name.startswith("sigpoll-guest-")}
-
-
 def test_virtio_port_moves_64_mib_both_ways_and_leaves_nothing_behind(run: Any, tmp_path: Any) -> None:
     size = 64 * 1024 * 1024
     up = os.urandom(size)  # guest -> host
     down = os.urandom(size)  # host -> guest
     named = str(tmp_path / "named.sock")
-    before = (_guest_dirs(), _uml.descendants(os.getpid()))
+    children = _uml.descendants(os.getpid())
 
     async def main() -> tuple[int, str, str]:
         g = Guest(ports=["data", f"named=unix:{named}"])
@@ -205,8 +200,8 @@ def test_virtio_port_moves_64_mib_both_ways_and_leaves_nothing_behind(run: Any, 
     pid, tmp, default = run(main(), timeout=110)
     assert not _alive(pid), "a process of the guest survived"
     assert not os.path.exists(tmp) and not os.path.exists(default) and not os.path.exists(named)
-    assert _guest_dirs() <= before[0], "a temporary directory survived"
-    assert _uml.descendants(os.getpid()) <= before[1], "a child process survived"
+    # (Its own directory only: other guests on this machine come and go in the same /tmp.)
+    assert _uml.descendants(os.getpid()) <= children, "a child process survived"
 
 
 def test_cli_port_option_shows_the_socket_and_removes_it(tmp_path: Any) -> None:

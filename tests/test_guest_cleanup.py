@@ -228,27 +228,11 @@ def test_ctrl_c_in_a_terminal_leaves_nothing_behind(tmp_path: Any) -> None:
         g.kill()
 
 
-# A 9P client of the guest's own (the guest may speak to its share server directly): Tlopen
-# of a FIFO, which the server opens on the host, where it blocks until a writer comes.  The
-# guest kernel's v9fs never sends that (it opens FIFOs itself), a hostile guest can.
-_OPEN_A_FIFO = r"""
-import socket, struct, time
-s = socket.create_connection(("192.0.2.1", 5640))
-def send(kind, body, tag=1):
-    s.sendall(struct.pack("<IBH", 7 + len(body), kind, tag) + body)
-def string(text):
-    return struct.pack("<H", len(text)) + text.encode()
-def answer():
-    size, kind, tag = struct.unpack("<IBH", s.recv(7, socket.MSG_WAITALL))
-    s.recv(size - 7, socket.MSG_WAITALL)
-    return kind
-send(100, struct.pack("<I", 65536) + string("9P2000.L"), tag=0xFFFF); answer()
-send(104, struct.pack("<II", 0, 0xFFFFFFFF) + string("root") + string("") + struct.pack("<I", 0)); answer()
-send(110, struct.pack("<IIH", 0, 1, 1) + string("fifo")); assert answer() == 111
-send(12, struct.pack("<II", 1, 0))
-print("FIFO-OPEN-SENT", flush=True)
-time.sleep(600)
-"""
+# The guest's root speaks 9P to its share server itself (tests/raw9p.py, from a privileged
+# port as the kernel's mount does): a Tlopen of a FIFO, which the server opens on the host,
+# where open(2) waits for a writer that never comes.  The guest kernel's v9fs never sends
+# that (it opens FIFOs itself); a hostile guest can.
+RAW9P = os.path.join(os.path.dirname(os.path.abspath(__file__)), "raw9p.py")
 
 
 def _stop(g: Leftovers, proc: subprocess.Popen[bytes], signum: int, within: float) -> None:
@@ -266,9 +250,9 @@ def _stop(g: Leftovers, proc: subprocess.Popen[bytes], signum: int, within: floa
 
 @pytest.mark.timeout(150)
 def test_sigterm_with_a_stuck_share_server_leaves_nothing_behind(tmp_path: Any) -> None:
-    g = Leftovers(tmp_path, ["sh", "-c", "python3 /mnt/x/open-fifo.py & sleep 60"])
+    g = Leftovers(tmp_path, ["sh", "-c", "python3 /mnt/x/raw9p.py --privileged-port open-fifo fifo & sleep 60"])
     os.mkfifo(tmp_path / "export" / "fifo")
-    (tmp_path / "export" / "open-fifo.py").write_text(_OPEN_A_FIFO)
+    shutil.copy(RAW9P, tmp_path / "export" / "raw9p.py")
     proc = _start(g)
     # Wait (a while) for a server thread to be stuck in open(2).  A server that never blocks
     # on FIFOs makes this the plain SIGTERM case, which must hold as well.

@@ -38,7 +38,9 @@ def share_setup(modules_dir: str, mounts: Sequence[tuple[str, str, int]], msize:
     /mnt gets a tmpfs first: the host's root may be read-only.  A failed mount is reported
     on the console with a marker the host turns into an error.
     """
-    options = f"version=9p2000.L,msize={msize},access=any,cache=none"
+    # privport: the guest kernel connects from a port below 1024, which only the guest's root
+    # may bind, so the server can tell the guest's mount from a guest user's own client.
+    options = f"version=9p2000.L,msize={msize},access=any,cache=none,privport"
     return share_mount_lines(modules_dir, [
         (tag, f"mount -t 9p -o trans=tcp,port={port},{options} {host} /mnt/{tag}") for tag, host, port in mounts
     ])
