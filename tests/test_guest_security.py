@@ -86,31 +86,54 @@ def _found(name: str, extra: list[str] = ()) -> list[str]:  # type: ignore[assig
     return [os.path.join(d, name) for d in [*TARGETS, *extra] if os.path.lexists(os.path.join(d, name))]
 
 
+# Each attempt is `try WHAT COMMAND...`: it prints "GAINED WHAT" if COMMAND succeeds, else
+# "denied WHAT: its error".  Output goes to a file the attacker may write (in the jail even
+# /dev/null is a device node it may not open), and the script ends with the number of tries,
+# so an attempt that never ran cannot pass for one that was refused.
+_TRY = r"""
+tries=0
+try() { what=$1; shift; tries=$((tries + 1))
+  if "$@" >"$Q" 2>&1; then echo "GAINED $what"; else echo "denied $what: $(tail -c 120 "$Q" | tr '\n' ' ')"; fi; }
+"""
+
+
 def _guest_attack(name: str, private_dir: str, victim: str) -> str:
-    """The guest root's attempts; each prints a line starting with GAINED if it succeeds."""
+    """The guest root's attempts, inside the guest."""
     targets = " ".join(shlex.quote(t) for t in [*TARGETS, private_dir])
     return f"""
-N={name}
-mount -o remount,rw / 2>/dev/null && touch /etc/$N 2>/dev/null && echo "GAINED remount rw + write /etc"
+N={name}; Q=/tmp/quiet
+{_TRY}
+try "remount rw + write /etc" sh -c "mount -o remount,rw / && touch /etc/$N"
 mkdir -p /tmp/h && mount -t hostfs none /tmp/h -o / || echo "NO-HOSTFS"
-for d in {targets}; do
-  touch "/tmp/h$d/$N" 2>/dev/null && echo "GAINED write through hostfs of /: $d"
-done
+for d in {targets}; do try "write through hostfs of /: $d" touch "/tmp/h$d/$N"; done
 i=0
 for d in {targets}; do
   i=$((i + 1)); mkdir -p /tmp/m$i
-  mount -t hostfs none /tmp/m$i -o "$d" 2>/dev/null && touch /tmp/m$i/$N 2>/dev/null && echo "GAINED write through hostfs of $d"
+  try "write through hostfs of $d" sh -c "mount -t hostfs none /tmp/m$i -o '$d' && touch /tmp/m$i/$N"
 done
-head -c 1 /tmp/h/etc/shadow >/dev/null 2>&1 && echo "GAINED read /etc/shadow"
-ls /tmp/h/root >/dev/null 2>&1 && echo "GAINED list /root"
-chmod 4755 /tmp/h{victim} 2>/dev/null && echo "GAINED chmod u+s {victim}"
-chown 1:1 /tmp/h{victim} 2>/dev/null && echo "GAINED chown {victim}"
+try "read /etc/shadow" head -c 1 /tmp/h/etc/shadow
+try "list /root" ls /tmp/h/root
+try "chmod u+s {victim}" chmod 4755 /tmp/h{victim}
+try "chown {victim}" chown 1:1 /tmp/h{victim}
 for d in /tmp /run/uml; do
-  mknod /tmp/h$d/$N-kmsg c 1 11 2>/dev/null && echo "GAINED mknod in $d" && \\
-    head -c 16 /tmp/h$d/$N-kmsg >/dev/null 2>&1 && echo "GAINED read the node in $d"
+  try "mknod in $d and read the node" sh -c "mknod /tmp/h$d/$N-kmsg c 1 11 && head -c 16 /tmp/h$d/$N-kmsg"
 done
 touch /tmp/h/run/uml/$N && echo "SCRATCH-WRITABLE"
-echo ATTACK-DONE
+echo "TRIES $tries"
+"""
+
+
+# A user namespace of its own (which any user may make) holds every capability over a new
+# mount namespace: the read-only flags it copied must stay locked.  (Without id maps: the
+# jail's /proc is read-only, so `unshare -r` cannot write them, but no map is needed for this.)
+_USERNS_REMOUNT = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x10000000 | 0x00020000) != 0:  # CLONE_NEWUSER | CLONE_NEWNS
+    sys.exit("unshare: errno %d" % ctypes.get_errno())
+if libc.mount(None, b"/", None, 32 | 4096, None) != 0:  # MS_REMOUNT | MS_BIND: clears ro
+    sys.exit("remount: errno %d" % ctypes.get_errno())
+open(sys.argv[1], "w").close()
 """
 
 
@@ -118,23 +141,37 @@ def _kernel_attack(name: str, host_pid: int, victim: str) -> str:
     """The guest kernel's attempts, as a process of the UML process's kind."""
     targets = " ".join(shlex.quote(t) for t in [*TARGETS, "/run/sigpoll"])
     return f"""
-N={name}
-for d in {targets}; do touch "$d/$N" 2>/dev/null && echo "GAINED write $d"; done
-head -c 1 /etc/shadow >/dev/null 2>&1 && echo "GAINED read /etc/shadow"
-ls /root >/dev/null 2>&1 && echo "GAINED list /root"
-mount -o remount,rw / 2>/dev/null && echo "GAINED remount rw"
-mount -t tmpfs none {os.path.dirname(victim)} 2>/dev/null && echo "GAINED mount"
-unshare -Urm sh -c 'mount -o remount,rw / && touch /etc/$N' 2>/dev/null && echo "GAINED remount rw in a user namespace"
-unshare -Urm sh -c 'mount -o remount,bind,rw / && touch /etc/$N' 2>/dev/null && echo "GAINED rw bind in a user namespace"
-head -c 1 /dev/kmsg >/dev/null 2>&1 && echo "GAINED read /dev/kmsg"
-head -c 1 /dev/mem >/dev/null 2>&1 && echo "GAINED read /dev/mem"
-mknod /run/uml/$N-kmsg c 1 11 2>/dev/null && echo "GAINED mknod"
-chmod 4755 {victim} 2>/dev/null && echo "GAINED chmod"
-test -e /proc/{host_pid} && echo "GAINED see host process {host_pid}"
-awk -F: 'NR > 2 {{ gsub(/ /, "", $1); if ($1 != "lo" && $1 != "tap0") print "GAINED host network " $1 }}' /proc/net/dev
+N={name}; Q=/run/uml/$N-quiet
+USERNS_REMOUNT={shlex.quote(_USERNS_REMOUNT)}
+{_TRY}
+for d in {targets}; do try "write $d" touch "$d/$N"; done
+try "read /etc/shadow" head -c 1 /etc/shadow
+try "list /root" ls /root
+try "remount rw" mount -o remount,rw /
+try "mount" mount -t tmpfs none {os.path.dirname(victim)}
+try "remount rw in a user namespace" unshare -Urm sh -c "mount -o remount,rw / && touch /etc/$N"
+try "rw bind in a user namespace (no id maps)" python3 -c "$USERNS_REMOUNT" /tmp/$N
+try "read /dev/kmsg" head -c 1 /dev/kmsg
+try "write /dev/null (a host device node)" sh -c ": > /dev/null"
+try "mknod" mknod /run/uml/$N-kmsg c 1 11
+try "chmod {victim}" chmod 4755 {victim}
+try "see host process {host_pid}" test -e /proc/{host_pid}
+try "a host network interface" sh -c "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | grep -vx -e lo -e tap0"
+yes 2>&- | head -c 419430400 > /run/uml/fill 2>&-
+s=$(stat -c %s /run/uml/fill); rm -f /run/uml/fill
+try "400M in its scratch (it stopped at $s bytes)" test "$s" -ge 419430400
 touch /run/uml/$N && echo "SCRATCH-WRITABLE"
-echo ATTACK-DONE
+echo "TRIES $tries"
 """
+
+
+def _all_denied(output: str) -> None:
+    """Every attempt ran and was refused."""
+    assert "GAINED" not in output, output
+    tries = [int(line.split()[1]) for line in output.splitlines() if line.startswith("TRIES ")]
+    denied = [line for line in output.splitlines() if line.startswith("denied ")]
+    assert tries and len(denied) == tries[0], output
+    assert "not found" not in output, output
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -164,7 +201,7 @@ def test_a_hostile_guest_gains_nothing_on_the_host(marker: str, victim: str, tmp
         async with Guest(shares=[f"{export}:x"], ports=["p"]) as g:
             assert g.pid is not None and g.tmpdir is not None and g.confined
             inside = await g.run(_guest_attack(marker, g.tmpdir, victim), timeout=120)
-            assert b"GAINED" not in inside.output, inside.output.decode(errors="replace")
+            _all_denied(inside.output.decode(errors="replace"))
             status = _status(g.pid)
             mounts = _mounts(g.pid)
             namespaces = {ns: os.readlink(f"/proc/{g.pid}/ns/{ns}") for ns in ("mnt", "pid", "net", "ipc", "user")}
@@ -181,15 +218,17 @@ def test_a_hostile_guest_gains_nothing_on_the_host(marker: str, victim: str, tmp
             # The share still works from inside the jail (the tap is the guest's uid's).
             share = await g.run("echo through-9p > /mnt/x/f && cat /mnt/x/f")
             assert (share.status, share.output) == (0, b"through-9p\n")
+            # Another guest at the same time runs as a user of its own.
+            async with Guest() as other:
+                assert other.pid is not None
+                assert _status(other.pid)["Uid"].split()[0] != uid
         return inside.output.decode(errors="replace"), kernel.stdout + kernel.stderr, status, mounts, namespaces, uid
 
     inside, kernel, status, mounts, namespaces, uid = _run_loop(main())
 
-    assert "ATTACK-DONE" in inside and "NO-HOSTFS" not in inside, inside
-    assert "SCRATCH-WRITABLE" in inside, inside  # the attacks ran where they could have worked
-    assert "GAINED" not in inside, inside
-    assert "ATTACK-DONE" in kernel and "SCRATCH-WRITABLE" in kernel, kernel
-    assert "GAINED" not in kernel, kernel
+    assert "NO-HOSTFS" not in inside and "SCRATCH-WRITABLE" in inside, inside  # hostfs worked
+    assert "SCRATCH-WRITABLE" in kernel, kernel  # the attacker ran where it could write
+    _all_denied(kernel)
     assert not _found(marker), "the guest wrote host files"
     after = os.stat(victim)
     assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid, before.st_gid)

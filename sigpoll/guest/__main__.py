@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     final = [_cli.EXIT_FAILURE]  # the status a watchdog exit uses
     status = _cli.run_command(_main(guest, command, stdin, final), logger="sigpoll.guest")
-    final[0] = status
+    final[0] = status  # if the interpreter's exit waits on a stuck thread, the watchdog uses it
     return status
 
 
