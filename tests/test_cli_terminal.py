@@ -54,8 +54,8 @@ class Session:
 
     def __init__(self, command: str, *, env: dict[str, str] | None = None, shell: str = "/bin/sh",
                  status: str = "$?", timeout: float = 60) -> None:
-        script = (f"trap : INT; stty -g; echo @@START@@; {command}; echo \"@@STATUS=%s@@\"; "
-                  f"stty -g; echo @@AFTER@@" % status)
+        script = (f"trap : INT; stty -g; echo @@START@@; {command}; echo \"@@STATUS={status}@@\"; "
+                  f"stty -g; echo @@AFTER@@")
         self.child = pexpect.spawn(shell, ["-c", script], timeout=timeout, dimensions=(30, 100),
                                    env=env or dict(os.environ))
         self.child.expect(r"([0-9a-f:]+)\r\n@@START@@")
@@ -214,7 +214,8 @@ def test_ninep_serve_fd_on_pipes_stops_cleanly(how: str, status: int, tmp_path: 
         server = None
         while server is None and time.monotonic() < deadline:
             for pid in _children(s.child.pid):
-                if b"sigpoll.ninep" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                # (A child that has not exec'd yet still shows the shell's command line.)
+                if _cmdline(str(pid)).startswith(f"{PY}\0-m\0sigpoll.ninep\0".encode()):
                     server = pid
             time.sleep(0.05)
         assert server is not None
@@ -412,3 +413,36 @@ def test_status_line_after_unfinished_output_starts_a_new_line(tmux: Tmux) -> No
     tmux.key("C-]")
     lines = tmux.wait_for("detached")
     assert "no newline" in [line.rstrip() for line in lines], lines
+
+
+def test_a_full_screen_program_that_exits_leaves_the_users_screen_back(tmux: Tmux) -> None:
+    """The program ends by itself while on the alternate screen with the cursor hidden: the
+    user's screen, its lines and a visible cursor come back, and the status line sits right
+    below where the cursor was when the program began."""
+    tmux.type("printf 'first\\nsecond\\nthird\\n'\n")
+    tmux.wait_for("third")
+    program = "read go; printf '\\033[?1049h\\033[?25l\\033[2Jbusy %s\\n' screen; sleep 0.5"
+    tmux.type(f"{PY} -m sigpoll.console run -- sh -c {shlex.quote(program)}\n")
+    lines = tmux.wait_for("escape is")
+    below_status = max(i for i, line in enumerate(lines) if "escape is" in line) + 1
+    tmux.type("go\r")
+    lines = tmux.wait_for("exited with status 0")
+    at = next(i for i, line in enumerate(lines) if "exited with status" in line)
+    assert at == below_status + 1 and lines[below_status].strip() == "go", lines
+    assert [line.strip() for line in lines].count("third") == 1 and not any("busy screen" in line for line in lines)
+    assert tmux.cursor()[2], "the cursor is hidden"
+
+
+def test_the_console_cannot_detach_the_user() -> None:
+    """Only what the user types detaches: the escape byte in the console's output is just output."""
+    s = Session(f"{PY} -m sigpoll.console run -- sh -c \"printf '\\\\035 still %s\\\\n' attached; cat\"")
+    try:
+        s.expect("still attached")
+        s.child.send("typed\r")
+        s.expect("typed")  # the bridge is still forwarding
+        assert b"detached" not in s.seen
+        s.child.send("\x1d")
+        s.expect("detached")
+        s.finish()
+    finally:
+        s.close()

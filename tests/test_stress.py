@@ -163,7 +163,8 @@ def test_json_compare_structure() -> None:
             continue
         assert entry["skipped"] is None
         assert entry["bytes"] > 0
-        assert entry["mb_per_s"] > 0
+        # bytes > 0 says it moved; the rate is rounded, and a naive run that stalls at once rounds to 0.0.
+        assert isinstance(entry["mb_per_s"], (int, float)) and entry["mb_per_s"] >= 0
         assert entry["stalls"] >= 0 and entry["longest_stall_ms"] >= 0
     sp = report["sigpoll"]
     assert sp["stalls"] == 0 and sp["longest_stall_ms"] == 0
