@@ -318,3 +318,20 @@ def test_the_trusted_mode_says_so() -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "trusts the guest" in done.stderr and "unconfined" in done.stderr
+
+
+def test_without_namespaces_the_guest_runs_unconfined_and_says_so(monkeypatch: Any, caplog: Any) -> None:
+    # Where no (user) namespaces may be made, UML runs as the invoking user, and a warning
+    # says what the guest can then do.  (This machine allows them: the probe is faked.)
+    monkeypatch.setattr(_uml, "jail_namespaces", lambda: "none")
+
+    async def main() -> tuple[bool | None, int]:
+        async with Guest() as g:
+            confined = g.confined
+            assert g.pid is not None
+            return confined, int(_status(g.pid)["Uid"].split()[0])
+
+    with caplog.at_level("WARNING", logger="sigpoll.guest"):
+        confined, uid = _run_loop(main())
+    assert confined is False and uid == os.geteuid()
+    assert "cannot be jailed" in caplog.text and "unconfined" in caplog.text

@@ -353,7 +353,7 @@ class Guest:
                         "can change any host file %s can", user, user)
         elif namespaces == "none":
             log.warning("this machine allows no unprivileged user namespaces, so the guest cannot be "
-                        "jailed: UML runs as %s and the guest can read and change what %s can", user, user)
+                        "jailed: UML runs unconfined as %s and the guest can read and change what %s can", user, user)
             confine = False
         jail = _uml.Jail(private_dir=tmp, namespaces=namespaces, confine=confine,
                          scratch_bytes=self.mem_bytes + _SCRATCH_EXTRA)
