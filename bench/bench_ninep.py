@@ -1,11 +1,13 @@
 """9P2000.L: our server against diod, with the same client (ours), in one run.
 
     python bench/bench_ninep.py [--mib 64] [--ops 2000] [--rounds 3] [--busy-poll-us 500]
-                                [--quick] [--json]
+                                [--baseline CHECKOUT] [--quick] [--json]
 
 Three servers run as separate processes on loopback TCP (ours via
 ``python -m sigpoll.ninep serve``, ours again with ``--busy-poll-us`` as ``ours_poll``,
-diod via ``diod -f -n -S -U root``) exporting the same temporary directory, so none
+diod via ``diod -f -n -S -U root``; with ``--baseline CHECKOUT``, also the server of
+another checkout of this project, as ``base``, to see what a change costs) exporting the
+same temporary directory, so none
 competes with the client for this process's GIL.  All are asked for msize 65536 (diod's largest), so every Tread/Twrite carries the same
 payload.  Workloads, each run ``--rounds`` times with the servers interleaved (median
 reported):
@@ -16,6 +18,7 @@ reported):
   one round at a time (latency-bound), and the same with 16 rounds in flight.
 
 The table ends with ratios ours / diod and ours_poll / diod (above 1: ours is faster),
+and ours / base with ``--baseline``,
 each with the lowest and highest per-round ratio beside the median (the spread shows how
 noisy the machine was).  A second table gives each server's CPU time per operation (user +
 system, all threads, read with ``clock_getcpuclockid`` on the server's pid; a polling
@@ -32,7 +35,6 @@ import ctypes
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +43,7 @@ import time
 
 from sigpoll.ninep import Client
 from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import DiodProcess, find_diod_tool, free_port
+from sigpoll.ninep._testing import DiodProcess, find_diod_tool, free_port, wait_listening
 
 MSIZE = 65536
 
@@ -58,20 +60,20 @@ def cpu_clock(pid: int) -> int:
 
 
 class OurServer:
-    def __init__(self, export: str, busy_poll_us: float = 0) -> None:
+    """``python -m sigpoll.ninep serve`` in a process; ``tree``: a checkout whose sigpoll
+    (its C core built in place) to run instead of the installed one."""
+
+    def __init__(self, export: str, busy_poll_us: float = 0, tree: str | None = None) -> None:
         self.port = free_port()
+        env = dict(os.environ)
+        if tree is not None:
+            env["PYTHONPATH"] = os.path.abspath(tree)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sigpoll.ninep", "serve", export, "-q",
-             "--listen", f"127.0.0.1:{self.port}", "--busy-poll-us", str(busy_poll_us)])
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("our server did not start") from None
-                time.sleep(0.05)
+             "--listen", f"127.0.0.1:{self.port}", "--busy-poll-us", str(busy_poll_us)],
+            env=env, cwd=tree)
+        if not wait_listening(self.port, self.proc):
+            raise RuntimeError("our server did not start")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -166,6 +168,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--busy-poll-us", type=float, default=500,
                     help="busy-polling ceiling of the ours_poll server (default 500)")
+    ap.add_argument("--baseline", metavar="CHECKOUT",
+                    help="also run the server of this checkout (its C core built), as base")
     args = ap.parse_args()
     if args.quick:
         args.mib, args.ops, args.rounds = 8, 300, 1
@@ -182,6 +186,8 @@ def main() -> int:
         try:
             servers["ours"] = OurServer(export)
             servers["ours_poll"] = OurServer(export, busy_poll_us=args.busy_poll_us)
+            if args.baseline:
+                servers["base"] = OurServer(export, tree=args.baseline)
             servers["diod"] = DiodProcess(export)
             results: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
             cpu: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
@@ -212,10 +218,16 @@ def main() -> int:
     spread = {o: {k: [a[k] / b[k] for a, b in zip(results[o], results["diod"])] for k in keys}
               for o in ours_names}
     cpu_ratios = {o: {k: cpu_med["diod"][k] / cpu_med[o][k] for k in keys} for o in ours_names}
+    base: dict[str, dict[str, object]] = {}
+    if "base" in med:
+        base = {k: {"ratio": med["ours"][k] / med["base"][k],
+                    "per_round": [a[k] / b[k] for a, b in zip(results["ours"], results["base"])],
+                    "cpu_ratio": cpu_med["base"][k] / cpu_med["ours"][k]} for k in keys}
     if args.json:
         print(json.dumps({"median": med, "ratio_over_diod": ratios,
                           "ratio_per_round": spread, "cpu_us_per_op": cpu_med,
                           "cpu_ratio_diod_over": cpu_ratios, "busy_poll_us": args.busy_poll_us,
+                          "ours_over_base": base, "baseline": args.baseline,
                           "mib": args.mib, "ops": args.ops, "rounds": args.rounds}))
         return 0
     print(f"9P2000.L over loopback TCP, msize {MSIZE}, {args.mib} MiB, {args.ops} ops, "
@@ -235,6 +247,15 @@ def main() -> int:
         print(f"{k:<20}{cpu_med['ours'][k]:>9.1f}{cpu_med['ours_poll'][k]:>11.1f}"
               f"{cpu_med['diod'][k]:>9.1f}{cpu_ratios['ours'][k]:>11.2f}"
               f"{cpu_ratios['ours_poll'][k]:>11.2f}")
+    if base:
+        print()
+        print(f"ours against base ({args.baseline}): rate ours/base (min..max per round), "
+              "CPU per operation base/ours (above 1: ours is faster / spends less)")
+        for k in keys:
+            rounds = base[k]["per_round"]
+            assert isinstance(rounds, list)
+            print(f"{k:<20}{med['base'][k]:>9.1f}{base[k]['ratio']:>11.2f}"
+                  f"{min(rounds):>7.2f}..{max(rounds):.2f}{base[k]['cpu_ratio']:>11.2f}")
     return 0
 
 

@@ -6,8 +6,8 @@ locks, flush), vhost-user sessions that set up memory and rings with a buffer wa
 ring layouts with direct, indirect and hostile chains.  Regression seeds for bugs the
 fuzzers found are written here too, so they stay in the replayed corpus.
 
-Run ``python fuzz/make_corpus.py`` after changing a harness's input format; it rewrites
-the seed directories (kept well under 1 MB in total).
+Run ``python fuzz/make_corpus.py [TARGET...]`` after changing a harness's input format; it
+rewrites the seed directories of those targets, or of all (kept well under 1 MB in total).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from sigpoll.ninep import _codec as c  # noqa: E402
 from sigpoll.virtio import _vhost_user as vu  # noqa: E402
 
 import ninep_decode  # noqa: E402
+import ninep_session  # noqa: E402
 import vhost_user  # noqa: E402
 
 __all__ = ["seeds", "main"]
@@ -99,6 +100,19 @@ def _ninep_server() -> list[bytes]:
     for seed in (b"\x01" + bytes(range(0, 200, 3)), b"\x01" + bytes(range(1, 250, 7)) * 2,
                  b"\x01" + b"\x05\x01\x00\x00" * 20, b"\x01" + hashlib.sha256(b"s").digest() * 4):
         out.append(seed)
+    return out
+
+
+def _ninep_session() -> list[bytes]:
+    out = [bytes(range(256)), bytes(range(255, -1, -1)), hashlib.sha256(b"session").digest() * 8]
+    # A request held running, three flushes chained on it, then it completes.
+    out.append(bytes([0, 0, 1, 6, 0]) + bytes([1, 9, 1, 1, 1]) + bytes([1, 9, 2, 1, 2])
+               + bytes([1, 9, 3, 1, 3]) + bytes([8, 0]))
+    # A Tversion while a request runs, then that request completes.
+    out.append(bytes([0, 0, 1, 6, 0, 0, 14, 1, 1, 8, 0]))
+    # A tag reused while its request is queued.
+    out.append(bytes([0, 0, 1, 0, 0, 1]))
+    assert all(ninep_session.one_input(s) is None for s in out)
     return out
 
 
@@ -185,14 +199,18 @@ def seeds() -> dict[str, list[bytes]]:
     return {
         "ninep_decode": _ninep_decode(),
         "ninep_server": _ninep_server(),
+        "ninep_session": _ninep_session(),
         "vhost_user": _vhost_user(),
         "virtqueue": _virtqueue(),
     }
 
 
-def main() -> None:
+def main(targets: list[str] | None = None) -> None:
+    """Write every target's seeds, or only those of ``targets``."""
     total = 0
     for target, inputs in seeds().items():
+        if targets and target not in targets:
+            continue
         d = os.path.join(CORPUS_ROOT, target)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
@@ -206,4 +224,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -22,7 +22,8 @@ every reply's tag was sent and its type answers a request with that tag (or is
 Rlerror); no tag gets more replies than requests; while the connection stays up every
 request gets its reply unless a Tflush or a later Tversion may have aborted it; the
 connection is closed by the server only when the framing was broken (a size field below
-7 or above the negotiated msize); nothing outside the export appeared, changed mode or
+7 or above the negotiated msize) or a tag was sent again (maybe while still in flight);
+nothing outside the export appeared, changed mode or
 content; the connection's fids are all released when it ends.  The server must reach
 that end within a deadline (a hang fails).  Handler exceptions the server catches and
 answers with EIO (logged with a traceback) are recorded in :data:`CAUGHT` and reported;
@@ -56,7 +57,8 @@ with instrumentation(__name__):
     from sigpoll.ninep import _codec as c
     from sigpoll.ninep._server import NinepServer
 
-__all__ = ["TARGET", "CAUGHT", "one_input", "structured_input", "raw_input", "shutdown"]
+__all__ = ["TARGET", "CAUGHT", "Reader", "one_input", "structured_input", "raw_input",
+           "shutdown"]
 
 TARGET = "ninep_server"
 
@@ -328,6 +330,41 @@ def _sanitize(frame: bytes, env: _Env, salt: int) -> bytes:
 # --------------------------------------------------------------------------- the run
 
 
+class Reader:
+    """Reads a socket with a time limit per read, losing nothing.
+
+    ``asyncio.wait_for(loop.sock_recv(...), t)`` loses the bytes of a recv that completes
+    in the same loop iteration as the timeout on Python 3.12 and later (its ``wait_for``
+    cancels the finished task and drops its result); that made this harness report a
+    server "hung" with nothing pending (issue 19, item 3).  Here one recv stays
+    outstanding across reads and a timeout never cancels it.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._recv: asyncio.Future[bytes] | None = None
+
+    async def read(self, timeout: float) -> bytes | None:
+        """The next bytes (b"" at EOF), or None if none came within ``timeout``."""
+        if self._recv is None:
+            self._recv = asyncio.ensure_future(
+                asyncio.get_running_loop().sock_recv(self.sock, 1 << 16))
+        done, _ = await asyncio.wait({self._recv}, timeout=timeout)
+        if not done:
+            return None
+        recv, self._recv = self._recv, None
+        try:
+            return recv.result()
+        except ConnectionResetError:
+            return b""
+
+    def close(self) -> None:
+        if self._recv is not None:
+            self._recv.cancel()
+            self._recv = None
+
+
+
 def _segments(frames: list[bytes], broken: bool) -> list[list[bytes]]:
     """Where to pause sending (finding S1, fixed; see docs/fuzzing.md).
 
@@ -386,16 +423,15 @@ async def _exchange(env: _Env, frames: list[bytes], broken: bool) -> tuple[bytes
             pos += size
         return False
 
+    reader = Reader(ours)
+
     async def receive_until(done: object) -> bool:
         """Read replies until ``done()``; False if the server closed first."""
         nonlocal closed
         while not done():  # type: ignore[operator]
-            try:
-                chunk = await asyncio.wait_for(loop.sock_recv(ours, 1 << 16), 0.05)
-            except asyncio.TimeoutError:
+            chunk = await reader.read(0.05)
+            if chunk is None:
                 continue
-            except ConnectionResetError:
-                chunk = b""
             if not chunk:
                 closed = True
                 return False
@@ -423,7 +459,7 @@ async def _exchange(env: _Env, frames: list[bytes], broken: bool) -> tuple[bytes
                 if not await receive_until(lambda: answered(sentinel)):
                     break
             if not closed:
-                await receive_until(lambda: not conn.pending)
+                await receive_until(lambda: not conn.session.pending)
                 # Replies may still sit in the server's write path; one more sentinel,
                 # answered after all of them, flushes them out to us.
                 last = fresh()
@@ -432,11 +468,12 @@ async def _exchange(env: _Env, frames: list[bytes], broken: bool) -> tuple[bytes
             ours.close()
             await conn.closed
     except TimeoutError:
-        raise AssertionError(f"server hung: pending={conn.pending!r} running={conn._running} "
-                             f"closed={conn.closed.done()}") from None
+        raise AssertionError(f"server hung: pending={conn.session.pending!r} inflight={conn.inflight} "
+                             f"closed={conn.closed.done()} stalled={conn.stalled()}") from None
     finally:
+        reader.close()
         ours.close()
-    assert not conn.fids, "fids left after the connection ended"
+    assert not conn.session.fids, "fids left after the connection ended"
     return bytes(replies), closed, sentinels
 
 
@@ -457,6 +494,10 @@ def _check(frames: list[bytes], broken: bool, replies: bytes, closed: bool, sent
             may_close = True  # beyond the negotiated msize: the server may cut us off
         requests[tag] += 1
         types[tag].add(mtype)
+        if requests[tag] > 1 and mtype != c.Tversion.TYPE:
+            # A tag sent again, maybe while its first request was still in flight: the
+            # server closes the connection then (no reply under that tag would be safe).
+            may_close = True
         try:
             msg: c.Message | None = c.decode(f)
         except c.ProtocolError:

@@ -106,7 +106,7 @@ def test_frames_trickled_byte_by_byte(run, export: Path) -> None:
         assert [r.TYPE for r in replies] == [101, 105, 111, 13, 117, 121]
         assert replies[4].data == BIG[1000:6000]
         conn = next(iter(server.connections))
-        assert list(conn.fids) == [0]
+        assert list(conn.session.fids) == [0]
         await raw.close()
         await server.close()
 
@@ -149,7 +149,7 @@ def test_peer_disconnects_with_requests_in_the_pool(run, export: Path) -> None:
         gate.set()
         await asyncio.wait_for(conn.closed, 10)
         server.export.stat = real_stat  # type: ignore[method-assign]
-        assert not conn.fids and not server.connections
+        assert not conn.session.fids and not server.connections
         assert _nfds() <= before
         await _still_serves(port)
         await server.close()
@@ -194,12 +194,12 @@ def test_enospc_reaches_the_client(run, tiny_fs: Path) -> None:
             for i in range(100):
                 await cl.mkdir(f"d{i}")
         assert err.value.errno == errno.ENOSPC
-        conn_fids = len(conn.fids)
+        conn_fids = len(conn.session.fids)
         for j in range(i):
             await cl.unlink(f"d{j}", directory=True)
-        assert len(conn.fids) == conn_fids
+        assert len(conn.session.fids) == conn_fids
         assert await cl.read_file("f") == b"faults\n"  # and it keeps serving
-        assert list(conn.fids) == [0]
+        assert list(conn.session.fids) == [0]
         await cl.close()
         await until(lambda: not server.connections)
         assert _nfds() <= before
@@ -383,6 +383,6 @@ def test_a_request_aborted_in_the_same_read_is_finished(run, export: Path, abort
             )
         a.close()
         await asyncio.wait_for(asyncio.shield(conn.closed), 10)
-        assert not conn.pending and not conn.fids
+        assert not conn.session.pending and not conn.session.fids
 
     run(main())

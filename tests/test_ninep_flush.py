@@ -16,7 +16,7 @@ import pytest
 
 from sigpoll.ninep import Client, NinepServer
 from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import HoldHook, RawClient, until
+from sigpoll.ninep._testing import HoldHook, HoldingServer, RawClient, until
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def export(tmp_path: Path) -> Path:
 
 async def _start(export: Path, **kw: object) -> tuple[NinepServer, int, HoldHook]:
     hook = HoldHook()
-    server = NinepServer(export, hook=hook, **kw)  # type: ignore[arg-type]
+    server = HoldingServer(export, hook, **kw)
     srv = await server.start_tcp("127.0.0.1", 0)
     return server, srv.sockets[0].getsockname()[1], hook
 
@@ -224,6 +224,82 @@ def test_eintr_on_the_host_is_retried(run, export: Path) -> None:
         server.export.stat = flaky  # type: ignore[method-assign]
         r = await raw.rpc(c.Tgetattr(0, c.GETATTR_BASIC, tag=10))
         assert r.TYPE == 25 and len(calls) == 3
+        await raw.close()
+        await server.close()
+
+    run(body())
+
+
+async def _frames_until_eof(raw: RawClient, quiet: float = 3.0) -> tuple[list[c.Message], bool]:
+    """Every reply until the server closes the connection (True) or falls silent."""
+    got: list[c.Message] = []
+    while True:
+        try:
+            got.append(await raw.recv(quiet))
+        except asyncio.IncompleteReadError:
+            return got, True
+        except asyncio.TimeoutError:
+            return got, False
+
+
+@pytest.mark.parametrize("second", ["request", "flush", "bad"])
+def test_a_reused_pending_tag_is_never_answered_but_closes(run, export: Path, second: str) -> None:
+    """A request that reuses a tag still in flight: any reply under that tag would be taken
+    as the first request's answer (the seed's rule), so the server says nothing under it
+    and closes the connection (docs/ninep.md, "Flush rules")."""
+
+    async def body() -> None:
+        server = NinepServer(export, inline=False)
+        port = (await server.start_tcp("127.0.0.1", 0)).sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        raw = await _raw(port)
+        # Both in one write: the Tmkdir is still pending when the second arrives.
+        dup = {"request": c.encode(c.Tgetattr(0, c.GETATTR_BASIC, tag=10)),
+               "flush": c.encode(c.Tflush(99, tag=10)),
+               "bad": c.encode(c.Tclunk(0, tag=10))[:-1]}[second]
+        dup = len(dup).to_bytes(4, "little") + dup[4:]
+        raw.send_raw(c.encode(c.Tmkdir(0, "d", 0o755, 0, tag=10)) + dup)
+        got, closed = await _frames_until_eof(raw)
+        assert [m for m in got if m.tag == 10] == [] and closed, (got, closed)
+        await raw.close()
+        await server.close()
+
+    run(body())
+
+
+def test_after_tversion_old_requests_answer_nothing(run, export: Path) -> None:
+    """A request still running when Tversion starts a new session: neither its reply nor
+    the Rflush of a Tflush waiting on it goes out, since the new session may have reused
+    their tags already."""
+
+    async def body() -> None:
+        gate = threading.Event()
+        entered = threading.Event()
+        server = NinepServer(export, inline=False)
+        port = (await server.start_tcp("127.0.0.1", 0)).sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        real_stat = server.export.stat
+
+        def slow_stat(h):  # type: ignore[no-untyped-def]
+            entered.set()
+            gate.wait(10)
+            return real_stat(h)
+
+        raw = await _raw(port)
+        server.export.stat = slow_stat  # type: ignore[method-assign]
+        raw.send(c.Tgetattr(0, c.GETATTR_BASIC, tag=10))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        raw.send(c.Tflush(10, tag=11))
+        await raw.expect_nothing()
+        rv = await raw.rpc(c.Tversion(65536, c.VERSION_9P2000L, tag=c.NOTAG))
+        assert rv.TYPE == c.Rversion.TYPE
+        server.export.stat = real_stat  # type: ignore[method-assign]
+        # The new session uses tags 10 and 11 at once; the old request then finishes.
+        raw.send(c.Tattach(0, c.NOFID, "root", "", 0, tag=10))
+        r = await raw.recv()
+        assert (type(r).__name__, r.tag) == ("Rattach", 10)
+        gate.set()
+        r = await raw.rpc(c.Tclunk(0, tag=11))
+        assert (type(r).__name__, r.tag) == ("Rclunk", 11)
+        await raw.expect_nothing(0.5)
         await raw.close()
         await server.close()
 
@@ -435,3 +511,26 @@ def test_slot_publishes_payload_before_status() -> None:
     for t in readers:
         t.join(30)
     assert not bad
+
+
+@pytest.mark.parametrize("bad", ["17 walk names", "a 70,000-byte name"])
+def test_client_gives_back_the_tag_of_a_message_it_cannot_encode(run, export: Path, bad: str) -> None:
+    """An unencodable message raises, and its tag and its max_tags place come back: with
+    max_tags=1, the next request still goes out (before, it waited forever)."""
+
+    async def body() -> None:
+        server = NinepServer(export)
+        port = (await server.start_tcp("127.0.0.1", 0)).sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        cl = await Client.connect_tcp("127.0.0.1", port, max_tags=1)
+        msg = (c.Twalk(0, 1, ["x"] * 17) if bad.startswith("17")
+               else c.Tmkdir(0, "n" * 70_000, 0o755, 0))
+        for _ in range(3):
+            with pytest.raises(c.ProtocolError):
+                await asyncio.wait_for(cl.rpc(msg), 5)  # the wait: a leaked place hangs
+        assert not cl._slots and cl._used == 0
+        st = await asyncio.wait_for(cl.stat("file"), 5)
+        assert st.size == 10
+        await cl.close()
+        await server.close()
+
+    run(body())

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -85,8 +86,11 @@ def test_wheel_and_sdist_install_and_run_from_outside_the_tree(tmp_path: Path) -
     assert len(out.stderr.strip().splitlines()) == 1 and "run from another directory" in out.stderr
 
     # The sdist's own tests (a quick subset), against the installed wheel, from outside.
-    tests = _run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(src / "pyproject.toml"),
-                  "--rootdir", str(src), "--basetemp", str(tmp_path / "bt"), *[str(src / t) for t in SDIST_TESTS]],
-                 cwd=outside, env=env)
+    # A short base directory: the tests make unix sockets in their tmp_path, and a path of a socket
+    # is at most 107 bytes (this test's own tmp_path is already long).
+    with tempfile.TemporaryDirectory(prefix="sp-sdist-") as short:
+        tests = _run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(src / "pyproject.toml"),
+                      "--rootdir", str(src), "--basetemp", short, *[str(src / t) for t in SDIST_TESTS]],
+                     cwd=outside, env=env)
     assert tests.returncode == 0, tests.stdout[-5000:] + tests.stderr[-2000:]
     assert " passed" in tests.stdout and " failed" not in tests.stdout

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ._client import Client, File, NinepError, Stat
 from ._codec import FramingError, MessageError, ProtocolError, Qid
-from ._server import Limits, NinepServer, Request, ServerHook
+from ._server import Limits, NinepServer
 
 __all__ = [
     "Client",
@@ -26,8 +26,6 @@ __all__ = [
     "NinepServer",
     "ProtocolError",
     "Qid",
-    "Request",
-    "ServerHook",
     "Stat",
     "serve",
 ]

@@ -23,13 +23,14 @@ from .._cli import (
     check_fd,
     integer,
     listen_address,
+    real,
     run_command,
     setup_logging,
     size,
     unix_path,
 )
 from .._unixsock import listen_unix, remove_unix
-from ._server import DEFAULT_MSIZE, MIN_MSIZE, Limits, NinepServer
+from ._server import DEFAULT_MSIZE, MIN_MSIZE, Limits, NinepServer, fd_limit
 
 __all__ = ["main"]
 
@@ -87,9 +88,24 @@ def _parser() -> Parser:
                    help="requests waiting for threads per connection; past it the connection is not read")
     s.add_argument("--max-connections", type=integer(1), default=d.max_connections, metavar="N",
                    help="connections at once; more are closed")
-    s.add_argument("--max-queued-output", type=size(1), default=d.max_queued_output, metavar="SIZE",
-                   help="reply bytes queued for a client that does not read; past it the "
-                        "connection is not read")
+    s.add_argument("--max-connections-per-peer", type=integer(1),
+                   default=d.max_connections_per_peer, metavar="N",
+                   help="connections from one address (a unix socket: one user) at once")
+    s.add_argument("--max-connection-memory", "--max-queued-output", type=size(1),
+                   dest="max_connection_memory", default=d.max_connection_memory, metavar="SIZE",
+                   help="bytes one connection's requests and unread replies may hold; past it "
+                        "the connection is not read (--max-queued-output: its old name)")
+    s.add_argument("--max-server-memory", type=size(1), default=d.max_server_memory,
+                   metavar="SIZE", help="the same for all connections together")
+    s.add_argument("--max-fds", type=integer(1), metavar="N",
+                   help="descriptors all fids may hold (default: RLIMIT_NOFILE less 64)")
+    s.add_argument("--max-connection-fds", type=integer(1), metavar="N",
+                   help="descriptors one connection's fids may hold (default: an eighth of --max-fds)")
+    s.add_argument("--version-timeout", type=real(0, above=True, what="a number of seconds"),
+                   default=d.version_timeout,
+                   metavar="SECONDS", help="close a connection that has not negotiated a version by then")
+    s.add_argument("--max-threads-per-peer", type=integer(1), metavar="N",
+                   help="worker threads one address's calls may hold (default: half of --workers)")
     s.add_argument("--no-inline", dest="inline", action="store_false",
                    help="every file system call in a thread (for exports on file systems that may hang)")
     add_busy_poll_option(s)
@@ -108,9 +124,15 @@ def _listen_error(where: str, exc: OSError) -> CommandError:
 
 
 async def _serve(args: Any) -> int:
+    fd_limit()  # as high as the hard limit allows: the fids' budget comes from it
     limits = Limits(max_fids=args.max_fids, max_inflight=args.max_inflight,
                     max_connections=args.max_connections,
-                    max_queued_output=args.max_queued_output)
+                    max_connections_per_peer=args.max_connections_per_peer,
+                    max_connection_memory=args.max_connection_memory,
+                    max_server_memory=args.max_server_memory, max_fds=args.max_fds,
+                    max_connection_fds=args.max_connection_fds,
+                    version_timeout=args.version_timeout,
+                    max_threads_per_peer=args.max_threads_per_peer)
     server = NinepServer(args.dir, read_only=args.read_only, msize=args.msize,
                          squash_uid=args.squash_uid, squash_gid=args.squash_gid,
                          workers=args.workers, limits=limits, inline=args.inline)

@@ -32,12 +32,14 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _codec as c
 from ._codec import Message, Qid
 
 __all__ = ["Client", "File", "NinepError", "Stat", "DEFAULT_MAX_TAGS"]
+
+R = TypeVar("R", bound=Message)
 
 #: Requests one client keeps outstanding at most (callers past it wait their turn).
 DEFAULT_MAX_TAGS = 256
@@ -100,16 +102,19 @@ class _Slot:
             raise self.error
         reply = self.reply
         assert reply is not None
-        if reply.TYPE == 7:
+        if isinstance(reply, c.Rlerror):
             raise NinepError(reply.ecode, os.strerror(reply.ecode))
-        if reply.TYPE != self.request.TYPE + 1:
+        request = self.request
+        if type(reply) is not type(request).REPLY:
             raise c.ProtocolError(
-                f"{type(reply).__name__} in answer to {type(self.request).__name__}"
+                f"{type(reply).__name__} in answer to {type(request).__name__}"
             )
-        if reply.TYPE in (117, 41) and len(reply.data) > self.request.count:
+        if (isinstance(reply, (c.Rread, c.Rreaddir))
+                and isinstance(request, (c.Tread, c.Treaddir))
+                and len(reply.data) > request.count):
             raise c.ProtocolError(
                 f"{type(reply).__name__} carries {len(reply.data)} bytes, more than the "
-                f"{self.request.count} asked for"
+                f"{request.count} asked for"
             )
         return reply
 
@@ -217,13 +222,14 @@ class Client:
 
     async def _handshake(self, *, msize: int = 512 * 1024, aname: str = "",
                          uname: str = "root", n_uname: int = 0, attach: bool = True) -> None:
-        rv = await self.rpc(c.Tversion(msize, c.VERSION_9P2000L), tag=c.NOTAG)
+        rv = await self._ask(c.Tversion(msize, c.VERSION_9P2000L), c.Rversion, tag=c.NOTAG)
         if rv.version != c.VERSION_9P2000L:
             raise c.ProtocolError(f"server speaks {rv.version!r}, not 9P2000.L")
         self.msize = min(msize, rv.msize)
         self._frames.max_size = max(self.msize, 4096)
         if attach:
-            ra = await self.rpc(c.Tattach(self.root_fid, c.NOFID, uname, aname, n_uname))
+            ra = await self._ask(c.Tattach(self.root_fid, c.NOFID, uname, aname, n_uname),
+                                 c.Rattach)
             self.root_qid = ra.qid
 
     async def close(self) -> None:
@@ -261,19 +267,20 @@ class Client:
         for frame in frames:
             self._reply_frame(frame)
 
-    def _reply_frame(self, frame: bytes) -> None:
+    def _reply_frame(self, frame: memoryview) -> None:
+        msg: Message | None = None
+        err: BaseException | None = None
         try:
-            msg: Message | None = c.decode(frame)
-            err: BaseException | None = None
-            tag = msg.tag  # type: ignore[union-attr]
+            msg = c.decode(frame)
+            tag = msg.tag
         except c.MessageError as exc:
-            msg, err, tag = None, exc, exc.tag if exc.tag is not None else -1
+            err, tag = exc, exc.tag if exc.tag is not None else -1
         with self._lock:
             slot = self._slots.get(tag)
         if slot is None or slot.event.is_set():
             return  # a reply nobody waits for (a server bug): ignore it
         slot.publish(msg, err)
-        if msg is not None and msg.TYPE == 109:
+        if isinstance(msg, c.Rflush) and isinstance(slot.request, c.Tflush):
             # Rflush: the flushed request's tag may be reused from now on.
             target = slot.request.oldtag
             with self._lock:
@@ -388,7 +395,13 @@ class Client:
             msg.tag = tag
             slot = _Slot(tag, msg, counted)
             self._slots[tag] = slot
-        data = c.encode(msg)
+        try:
+            data = c.encode(msg)
+        except BaseException:
+            # Nothing was sent: the tag and the max_tags place go back at once.
+            with self._lock:
+                self._release(slot)
+            raise
         if threading.get_ident() == self._loop_thread:
             slot.future = self._loop.create_future()
             self._write(data)
@@ -409,7 +422,7 @@ class Client:
         Cancellation sends Tflush; see the module docstring for what is returned then.
         With ``max_tags`` requests outstanding, it first waits for one to finish.
         """
-        counted = tag is None and msg.TYPE != 108
+        counted = tag is None and not isinstance(msg, c.Tflush)
         if counted:
             await self._claim()
         slot = self._submit(msg, tag, counted)
@@ -428,6 +441,13 @@ class Client:
                 return slot.result()
             raise
         return slot.result()
+
+    async def _ask(self, msg: Message, reply: type[R], *, tag: int | None = None) -> R:
+        """:meth:`rpc`, for a caller that knows the reply's class (typed)."""
+        r = await self.rpc(msg, tag=tag)
+        if not isinstance(r, reply):  # rpc() already checked it answers ``msg``
+            raise c.ProtocolError(f"{type(r).__name__} where {reply.__name__} was expected")
+        return r
 
     async def _flush(self, slot: _Slot) -> None:
         slot.flushing = True
@@ -479,7 +499,7 @@ class Client:
             # Twalk carries at most 16 names; longer paths walk in steps from the newfid.
             while first or names:
                 chunk, names = names[:c.MAXWELEM], names[c.MAXWELEM:]
-                r = await self.rpc(c.Twalk(start if first else newfid, newfid, chunk))
+                r = await self._ask(c.Twalk(start if first else newfid, newfid, chunk), c.Rwalk)
                 if len(r.wqids) != len(chunk):
                     if not first:
                         await self.clunk(newfid)
@@ -500,7 +520,7 @@ class Client:
     async def stat(self, path: str) -> Stat:
         fid = await self.walk(path)
         try:
-            r = await self.rpc(c.Tgetattr(fid, c.GETATTR_BASIC))
+            r = await self._ask(c.Tgetattr(fid, c.GETATTR_BASIC), c.Rgetattr)
         finally:
             await self.clunk(fid)
         return Stat(r.qid, r.mode, r.uid, r.gid, r.nlink, r.size,
@@ -514,7 +534,7 @@ class Client:
             await self.rpc(c.Tlopen(fid, 0))
             offset = 0
             while True:
-                r = await self.rpc(c.Treaddir(fid, offset, self.msize - 24))
+                r = await self._ask(c.Treaddir(fid, offset, self.msize - 24), c.Rreaddir)
                 ents = c.decode_dirents(r.data)
                 if not ents:
                     break
@@ -528,11 +548,10 @@ class Client:
         *parent, name = self._split(path)
         fid = await self.walk(parent)
         try:
-            r = await self.rpc(c.Tmkdir(fid, name, mode, 0))
+            r = await self._ask(c.Tmkdir(fid, name, mode, 0), c.Rmkdir)
         finally:
             await self.clunk(fid)
-        qid: Qid = r.qid
-        return qid
+        return r.qid
 
     async def unlink(self, path: str, *, directory: bool = False) -> None:
         *parent, name = self._split(path)
@@ -562,17 +581,18 @@ class Client:
             flags = _DOTL_RDWR if plus else 0
             fid = await self.walk(path)
             try:
-                r = await self.rpc(c.Tlopen(fid, flags))
+                ro = await self._ask(c.Tlopen(fid, flags), c.Rlopen)
             except BaseException:
                 await self.clunk(fid)
                 raise
-            return File(self, fid, r.iounit, 0)
+            return File(self, fid, ro.iounit, 0)
         acc = _DOTL_RDWR if plus else _DOTL_WRONLY
         flags = acc | _DOTL_CREATE | {"w": _DOTL_TRUNC, "a": _DOTL_APPEND, "x": _DOTL_EXCL}[m]
         *parent, name = self._split(path)
         fid = await self.walk(parent)
         try:
-            r = await self.rpc(c.Tlcreate(fid, name, flags, perm, 0))
+            r: c.Rlcreate | c.Rlopen = await self._ask(c.Tlcreate(fid, name, flags, perm, 0),
+                                                       c.Rlcreate)
         except NinepError as exc:
             if exc.errno != errno.EEXIST or m == "x":
                 await self.clunk(fid)
@@ -581,7 +601,8 @@ class Client:
             await self.clunk(fid)
             fid = await self.walk(path)
             try:
-                r = await self.rpc(c.Tlopen(fid, flags & ~(_DOTL_CREATE | _DOTL_EXCL)))
+                r = await self._ask(c.Tlopen(fid, flags & ~(_DOTL_CREATE | _DOTL_EXCL)),
+                                    c.Rlopen)
             except BaseException:
                 await self.clunk(fid)
                 raise
@@ -590,7 +611,7 @@ class Client:
             raise
         pos = 0
         if m == "a":
-            g = await self.rpc(c.Tgetattr(fid, c.GETATTR_BASIC))
+            g = await self._ask(c.Tgetattr(fid, c.GETATTR_BASIC), c.Rgetattr)
             pos = g.size
         return File(self, fid, r.iounit, pos)
 
@@ -621,9 +642,8 @@ class File:
         self.closed = False
 
     async def pread(self, size: int, offset: int) -> bytes:
-        r = await self.client.rpc(c.Tread(self.fid, offset, min(size, self.iounit)))
-        data: bytes = r.data
-        return data
+        r = await self.client._ask(c.Tread(self.fid, offset, min(size, self.iounit)), c.Rread)
+        return bytes(r.data)
 
     async def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes (all to EOF when negative)."""
@@ -638,9 +658,8 @@ class File:
         return bytes(out)
 
     async def pwrite(self, data: bytes, offset: int) -> int:
-        r = await self.client.rpc(c.Twrite(self.fid, offset, data[:self.iounit]))
-        count: int = r.count
-        return count
+        r = await self.client._ask(c.Twrite(self.fid, offset, data[:self.iounit]), c.Rwrite)
+        return r.count
 
     async def write(self, data: bytes) -> int:
         view = memoryview(data)

@@ -17,25 +17,33 @@ from typing import Any, cast
 from . import _codec as c
 from ._codec import Message
 from .._testing import until
-from ._server import NinepServer, Request
+from ._handlers import Handler
+from ._server import NinepServer, _Connection
+from ._session import ABORTED, Reply, Request
 
-__all__ = ["HoldHook", "RawClient", "DiodProcess", "free_port", "find_diod_tool", "serve_tcp", "until"]
+__all__ = ["HoldHook", "HoldingServer", "wait_listening", "RawClient", "DiodProcess", "free_port", "find_diod_tool", "serve_tcp", "until"]
 
 
 class HoldHook:
-    """A :class:`~sigpoll.ninep.ServerHook` that parks chosen requests.
+    """Parks chosen requests of a :class:`HoldingServer`, so a test can force an order.
 
-    ``hold(tag, "before")`` parks the request with that tag while it is still abortable;
-    ``hold(tag, "after")`` parks it after the file system work, with its reply decided.
-    ``await reached(tag, phase)`` returns once the server holds it; ``release(tag,
-    phase)`` lets it go.  ``cancelled`` lists tags aborted while held.
+    ``hold(tag, "before")`` parks the request with that tag while it still waits for a
+    worker (abortable: a Tflush drops it); ``hold(tag, "after")`` parks it after the file
+    system work, with its reply decided (a Tflush then waits behind it).  ``await
+    reached(tag, phase)`` returns once the server holds it; ``release(tag, phase)`` lets
+    it go.  ``cancelled`` lists the held tags that were aborted; ``seen`` every message
+    that went to the pool.
     """
 
     def __init__(self) -> None:
         self._gates: dict[tuple[int, str], asyncio.Event] = {}
         self._reached: dict[tuple[int, str], asyncio.Event] = {}
-        self.cancelled: list[int] = []
+        self._held: list[Request] = []
         self.seen: list[Message] = []
+
+    @property
+    def cancelled(self) -> list[int]:
+        return [r.tag for r in self._held if r.state is ABORTED]
 
     def hold(self, tag: int, phase: str = "before") -> None:
         self._gates[(tag, phase)] = asyncio.Event()
@@ -47,24 +55,60 @@ class HoldHook:
     async def reached(self, tag: int, phase: str = "before") -> None:
         await self._reached[(tag, phase)].wait()
 
-    async def _gate(self, req: Request, phase: str) -> None:
+    def gate(self, req: Request, phase: str) -> asyncio.Event | None:
         key = (req.tag, phase)
         gate = self._gates.get(key)
+        if gate is not None:
+            self._held.append(req)
+            self._reached[key].set()
+        return gate
+
+
+class _HeldConnection(_Connection):
+    """A connection whose requests a :class:`HoldHook` can park (see HoldingServer)."""
+
+    hook: HoldHook
+
+    def _queue(self, req: Request, handler: Handler) -> None:
+        self.hook.seen.append(req.msg)
+        gate = self.hook.gate(req, "before")
         if gate is None:
+            super()._queue(req, handler)
             return
-        self._reached[key].set()
-        try:
+
+        async def parked(gate: asyncio.Event) -> None:
+            released = asyncio.ensure_future(gate.wait())
+            self.closed.add_done_callback(lambda _: released.cancel())  # never released
+            try:
+                await released
+            except asyncio.CancelledError:
+                return
+            if req.state is not ABORTED and not self.lost:
+                super(_HeldConnection, self)._queue(req, handler)
+
+        self._tasks.add(self._loop.create_task(parked(gate)))
+
+    async def _answer(self, req: Request, handler: Handler) -> Reply:
+        reply = await super()._answer(req, handler)
+        gate = self.hook.gate(req, "after")
+        if gate is not None:
             await gate.wait()
-        except asyncio.CancelledError:
-            self.cancelled.append(req.tag)
-            raise
+        return reply
 
-    async def before(self, request: Request) -> None:
-        self.seen.append(request.msg)
-        await self._gate(request, "before")
 
-    async def after(self, request: Request) -> None:
-        await self._gate(request, "after")
+class HoldingServer(NinepServer):
+    """A :class:`NinepServer` whose requests all take the pool path, where ``hook`` (a
+    :class:`HoldHook`) can hold them.  For tests: the production server has no hook."""
+
+    def __init__(self, root: str | os.PathLike[str], hook: HoldHook, **kw: Any) -> None:
+        kw["inline"] = False
+        super().__init__(root, **kw)
+        self.hook = hook
+
+    def protocol(self, peer: str = "") -> _Connection:
+        conn = _HeldConnection(self, peer)
+        conn.hook = self.hook
+        return conn
 
 
 class RawClient:
@@ -105,11 +149,10 @@ class RawClient:
 
     async def handshake(self, aname: str = "", msize: int = 65536, fid: int = 0) -> c.Qid:
         rv = await self.rpc(c.Tversion(msize, c.VERSION_9P2000L, tag=c.NOTAG))
-        assert rv.version == c.VERSION_9P2000L, rv
+        assert isinstance(rv, c.Rversion) and rv.version == c.VERSION_9P2000L, rv
         ra = await self.rpc(c.Tattach(fid, c.NOFID, "root", aname, 0, tag=1))
-        assert ra.TYPE == 105, ra
-        qid: c.Qid = ra.qid
-        return qid
+        assert isinstance(ra, c.Rattach), ra
+        return ra.qid
 
     async def at_eof(self, timeout: float = 5.0) -> bool:
         try:
@@ -130,6 +173,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[Any], timeout: float = 10) -> bool:
+    """Wait until ``proc`` accepts connections on loopback ``port``: True, or False if it
+    exited or ``timeout`` seconds passed first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return True
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
 
 def find_diod_tool(name: str) -> str | None:
@@ -153,17 +210,10 @@ class DiodProcess:
              "-e", export, *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                    self.stop()
-                    raise RuntimeError(f"diod did not start: {err}") from None
-                time.sleep(0.05)
+        if not wait_listening(self.port, self.proc):
+            err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+            self.stop()
+            raise RuntimeError(f"diod did not start: {err}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -183,9 +233,11 @@ class DiodProcess:
         self.stop()
 
 
-async def serve_tcp(export: Any, **kw: Any) -> tuple[NinepServer, int]:
-    """A :class:`NinepServer` for ``export`` listening on a free loopback port: (server, port)."""
-    server = NinepServer(str(export), **kw)
+async def serve_tcp(export: Any, hook: HoldHook | None = None,
+                    **kw: Any) -> tuple[NinepServer, int]:
+    """A :class:`NinepServer` for ``export`` listening on a free loopback port: (server,
+    port); with ``hook``, a :class:`HoldingServer`."""
+    server = NinepServer(str(export), **kw) if hook is None else HoldingServer(str(export), hook, **kw)
     # start_tcp promises only an AbstractServer; every loop's create_server (asyncio's,
     # uvloop's) returns a Server, which has the listening sockets.
     srv = cast(asyncio.Server, await server.start_tcp("127.0.0.1", 0))
