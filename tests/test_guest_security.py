@@ -21,7 +21,6 @@ UML is seen to run unprivileged.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import secrets
 import shlex
@@ -36,7 +35,6 @@ import pytest
 
 import sigpoll
 from sigpoll.guest import Guest, _uml
-from sigpoll.ninep import NinepServer
 
 try:
     _uml.find_kernel()
@@ -252,8 +250,6 @@ def test_a_hostile_guest_gains_nothing_on_the_host(marker: str, victim: str, tmp
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a share over the private network needs root")
-@pytest.mark.xfail("require_privileged_port" not in inspect.signature(NinepServer).parameters, strict=True,
-                   reason="the 9P server cannot refuse unprivileged peers yet (branch ninep adds it)")
 @pytest.mark.timeout(150)
 def test_a_guest_user_cannot_speak_to_the_share_server_itself(tmp_path: Any) -> None:
     # The share's server sits on the guest's network: a guest user's own 9P client could attach

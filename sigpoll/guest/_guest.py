@@ -117,16 +117,6 @@ def _guest_python(jail: _uml.Jail) -> str:
                     "install the system's python3")
 
 
-def _privileged_peers_only(server_class: type) -> dict[str, Any]:
-    """The share server's option that refuses TCP peers on unprivileged ports, if it has it."""
-    import inspect
-
-    with contextlib.suppress(TypeError, ValueError):
-        if "require_privileged_port" in inspect.signature(server_class).parameters:
-            return {"require_privileged_port": True}
-    return {}
-
-
 def _socket_error(exc: OSError) -> str:
     if "too long" in str(exc):
         return ("the path is longer than a unix socket's 107 bytes (for the guest's own sockets, "
@@ -396,7 +386,7 @@ class Guest:
         for i, (path, tag) in enumerate(self.shares):
             # Only the guest kernel's own mount (from a privileged port, see share_setup) may
             # speak to it: a guest user's client could attach claiming any uid.
-            server = NinepServer(path, msize=SHARE_MSIZE, **_privileged_peers_only(NinepServer))
+            server = NinepServer(path, msize=SHARE_MSIZE, require_privileged_port=True)
             self._servers.append(server)
             await server.start_socket(ns.listen(_SHARE_PORT + i))
             mounts.append((tag, ns.host_address, _SHARE_PORT + i))
