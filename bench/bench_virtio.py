@@ -5,7 +5,7 @@ One run boots User-Mode Linux twice:
      ``cat FILE > /dev/vport0p1``, host-to-guest ``head -c N /dev/vport0p2 > /dev/null``.
   2. baseline: UML's own console (con0=fd:0,fd:1) on a pty served by sigpoll.tty, the
      same two transfers through /dev/console in raw mode.  UML's console path stalls on its
-     own side now and then; sigpoll._uml.SigioNudger un-stalls it so the run completes.
+     own side now and then; sigpoll.guest._uml.SigioNudger un-stalls it so the run completes.
 Guest-to-host is timed on the host (first byte to last), host-to-guest in the guest
 (around ``head``).  Prints MB/s (10^6 bytes/s) and the virtio/baseline ratios.
 
@@ -32,7 +32,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import sigpoll  # noqa: E402
-from sigpoll import _uml  # noqa: E402
+from sigpoll.guest import _uml  # noqa: E402
 from sigpoll import tty as stty  # noqa: E402
 from sigpoll.virtio import ConsoleDevice, VhostUserBackend, open_port  # noqa: E402
 

@@ -75,6 +75,7 @@ __all__ = [
     "setup_logging",
     "signal_status",
     "size",
+    "stop_signal",
     "unix_path",
     "unpollable",
     "version_string",
@@ -619,8 +620,16 @@ def _columns(stream: TextIO) -> int:
 class _Stop:
     """Which stop signal arrived (the first), for the exit status."""
 
+    current: _Stop | None = None  #: the running command's
+
     def __init__(self) -> None:
         self.signum: int | None = None
+
+
+def stop_signal() -> int | None:
+    """The first stop signal the running command got (None if none): for cleanup that must
+    end the process on its own (a watchdog) with the status the command would exit with."""
+    return _Stop.current.signum if _Stop.current is not None else None
 
 
 def run_command(main: Coroutine[Any, Any, int], *, busy_poll_us: float = 0,
@@ -638,7 +647,7 @@ def run_command(main: Coroutine[Any, Any, int], *, busy_poll_us: float = 0,
     from ._loop import new_event_loop
 
     log = logging.getLogger(logger) if isinstance(logger, str) else logger
-    stop = _Stop()
+    stop = _Stop.current = _Stop()
 
     async def guarded() -> int:
         loop = asyncio.get_running_loop()

@@ -24,6 +24,7 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import Collection
 
 __all__ = ["MAX_PATH", "UnixListener", "listen_unix", "peer_allowed", "peer_uid", "remove_unix"]
 
@@ -43,6 +44,7 @@ class UnixListener(socket.socket):
 
     path: str = ""  #: where it was bound
     owner_only: bool = True
+    allow_uids: frozenset[int] = frozenset()  #: other users whose connections are accepted too
     refused: int = 0  #: connections closed because the peer was another user
     _bound: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the socket file it bound
 
@@ -50,7 +52,7 @@ class UnixListener(socket.socket):
         """The next connection from an allowed peer (``BlockingIOError`` when none waits)."""
         while True:
             conn, addr = super().accept()
-            if not self.owner_only or peer_allowed(conn):
+            if not self.owner_only or peer_allowed(conn, self.allow_uids):
                 return conn, addr
             self.refused += 1
             log.warning("%s: refused a connection from uid %s (only this user and root may connect)",
@@ -86,14 +88,14 @@ def _is_live(path: str) -> bool:
 
 
 def listen_unix(path: str, *, backlog: int = 4, mode: int = 0o600,
-                owner_only: bool = True) -> UnixListener:
+                owner_only: bool = True, allow_uids: Collection[int] = ()) -> UnixListener:
     """A non-blocking listening socket at ``path`` with file mode ``mode``.
 
     A stale socket file at ``path`` (nobody listening) is replaced.  Any other file there is
     a :class:`FileExistsError` ("exists and is not a socket"), and a socket that a live
     server listens on is an ``OSError`` with ``errno.EADDRINUSE``: neither is touched.
     With ``owner_only`` (the default) connections from other users are refused as they are
-    accepted (see :class:`UnixListener`).
+    accepted (see :class:`UnixListener`), but for ``allow_uids`` (a jailed guest's uid).
     """
     if len(os.fsencode(path)) > MAX_PATH:
         raise OSError(errno.ENAMETOOLONG, f"a unix socket path is at most {MAX_PATH} bytes", path)
@@ -105,6 +107,7 @@ def listen_unix(path: str, *, backlog: int = 4, mode: int = 0o600,
         os.unlink(path)
     sock = UnixListener(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.path, sock.owner_only = path, owner_only
+    sock.allow_uids = frozenset(allow_uids)
     try:
         sock.bind(path)
         os.chmod(path, mode)
@@ -149,10 +152,11 @@ def peer_uid(sock: socket.socket) -> int:
     return int(_UCRED.unpack(creds)[1])
 
 
-def peer_allowed(sock: socket.socket) -> bool:
-    """Whether the peer is this process's own user or root."""
+def peer_allowed(sock: socket.socket, allow_uids: Collection[int] = ()) -> bool:
+    """Whether the peer is this process's own user, root, or one of ``allow_uids`` (a jailed
+    guest's uid, say)."""
     try:
         uid = peer_uid(sock)
     except OSError:
         return False
-    return uid in (0, os.geteuid())
+    return uid in (0, os.geteuid()) or uid in allow_uids

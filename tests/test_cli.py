@@ -25,8 +25,7 @@ import pytest
 from sigpoll import _cli, _unixsock
 
 PY = sys.executable
-# (The guest command takes the same conventions on the guest branch.)
-COMMANDS = ["console", "ninep", "virtio", "stress", "soak"]
+COMMANDS = ["console", "ninep", "virtio", "guest", "stress", "soak"]
 
 
 def _run(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:

@@ -272,7 +272,7 @@ def test_stress_sigterm_exits_143_after_its_summary() -> None:
 
 
 def test_soak_ctrl_c_reports_so_far_and_leaves_nothing(private_tmp: tuple[dict[str, str], Path]) -> None:
-    from sigpoll import _uml
+    from sigpoll.guest import _uml
 
     try:
         _uml.find_kernel()

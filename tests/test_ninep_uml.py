@@ -2,7 +2,7 @@
 
 The transport is UML networking to a tap device in a private network namespace, not
 trans=fd on a serial line: UML's serial input path drops its fd from epoll when the guest's
-tty throttles and never re-adds it (see sigpoll._netns and docs/ninep.md).
+tty throttles and never re-adds it (see sigpoll.guest._netns and docs/ninep.md).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sigpoll import _uml
+from sigpoll.guest import _uml
 from sigpoll.guest import Guest
 
 try:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from sigpoll import _uml
+from sigpoll.guest import _uml
 
 try:
     _uml.find_kernel()

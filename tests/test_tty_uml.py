@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from sigpoll import _uml
+from sigpoll.guest import _uml
 from sigpoll import tty as stty
 from sigpoll.stress import xxd
 

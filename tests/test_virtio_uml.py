@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from sigpoll import _uml
+from sigpoll.guest import _uml
 from sigpoll.guest import Guest
 from sigpoll.guest._init_script import GUEST_DIR
 from sigpoll.ninep import NinepServer

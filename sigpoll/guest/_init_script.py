@@ -1,4 +1,6 @@
-"""The guest's PID 1: a shell script built from the guest's configuration (pure, no I/O)."""
+"""The guest's PID 1, a shell script built from the guest's configuration, and the console
+protocol the host speaks with it: command lines in, marked output and statuses out (pure,
+no I/O)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,14 @@ from collections.abc import Sequence
 __all__ = [
     "GUEST_DIR",
     "PORTS_DIR",
+    "CommandScanner",
     "command_line",
     "command_text",
     "init_script",
     "interactive_line",
+    "interrupt_line",
     "port_setup",
+    "reap_line",
     "share_mount_lines",
     "share_setup",
 ]
@@ -33,7 +38,9 @@ def share_setup(modules_dir: str, mounts: Sequence[tuple[str, str, int]], msize:
     /mnt gets a tmpfs first: the host's root may be read-only.  A failed mount is reported
     on the console with a marker the host turns into an error.
     """
-    options = f"version=9p2000.L,msize={msize},access=any,cache=none"
+    # privport: the guest kernel connects from a port below 1024, which only the guest's root
+    # may bind, so the server can tell the guest's mount from a guest user's own client.
+    options = f"version=9p2000.L,msize={msize},access=any,cache=none,privport"
     return share_mount_lines(modules_dir, [
         (tag, f"mount -t 9p -o trans=tcp,port={port},{options} {host} /mnt/{tag}") for tag, host, port in mounts
     ])
@@ -82,18 +89,27 @@ def port_setup(modules_dir: str, names: Sequence[str], wait_tenths: int = 100) -
 GUEST_DIR = "/run/sigpoll"
 
 
-def init_script(token: str, *, host_dir: str, read_only: bool, setup: Sequence[str] = ()) -> str:
+def init_script(token: str, *, host_dir: str, read_only: bool, setup: Sequence[str] = (),
+                setuid_off: bool = False) -> str:
     """PID 1 for a guest on the host's root file system.
 
-    It mounts what a shell needs, binds ``host_dir`` (the guest's private directory on the
-    host) at :data:`GUEST_DIR` before /tmp is covered by a tmpfs, runs ``setup`` lines (share mounts, module loads), prints a
+    It mounts what a shell needs, mounts ``host_dir`` (the guest's private directory, as UML
+    sees it) at :data:`GUEST_DIR` with hostfs, covers /tmp with a tmpfs, runs ``setup`` lines
+    (share mounts, module loads), prints a
     ready marker carrying ``token`` and then becomes a quiet shell that reads commands from
     the console: no echo, no prompt, no CR insertion, so the host sees command output byte
     for byte.  Whatever happens, it powers the guest off rather than exiting (PID 1 exiting
     panics the kernel).
+
+    ``setuid_off``: run everything with no_new_privs, so set-user-ID bits do nothing in the
+    guest.  For a guest whose host files appear owned by nobody (a jail in a user namespace
+    maps every id but ours to the overflow id), where a setuid ``mount`` would otherwise
+    run as nobody.
     """
-    lines = [
-        "#!/bin/sh",
+    lines = ["#!/bin/sh"]
+    if setuid_off:
+        lines.append('[ -n "$SIGPOLL_NNP" ] || SIGPOLL_NNP=1 exec setpriv --no-new-privs "$0" "$@"')
+    lines += [
         "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "export HOME=/root TERM=${TERM:-vt100}",
         "mount -t proc proc /proc",
@@ -102,7 +118,8 @@ def init_script(token: str, *, host_dir: str, read_only: bool, setup: Sequence[s
     lines += [
         "mount -t tmpfs tmpfs /run",
         f"mkdir -p {GUEST_DIR}",
-        f"mount --bind {shlex.quote(host_dir)} {GUEST_DIR}",
+        # hostfs straight from the host's path: it may lie under the /run just covered.
+        f"mount -t hostfs none {GUEST_DIR} -o {shlex.quote(host_dir)}",
     ]
     if read_only:
         # The host's root is mounted read-only: give the guest writable scratch space.
@@ -120,18 +137,94 @@ def init_script(token: str, *, host_dir: str, read_only: bool, setup: Sequence[s
     return "\n".join(lines) + "\n"
 
 
-def command_line(token: str, script: str) -> bytes:
-    """What the host types to run the command in ``script`` and learn its exit status.
+def command_line(token: str, number: int, script: str) -> bytes:
+    """What the host types to run command ``number`` (its text in ``script``) in the guest.
 
     The command itself travels as a file (the guest sees the host's root, and with it the
     guest's private directory): the console line stays short whatever the command is, so
     neither the tty's 4095-byte line limit nor UML's console input path (which loses input
     once the guest's tty throttles) can touch it, and no quoting is needed.  It runs in a
     subshell with stdin from /dev/null, so ``exit`` or ``set -e`` cannot end the guest's
-    command loop and the command cannot swallow the host's next line.  The status comes
-    back as ``@@TOKEN:EXIT:N@@``.
+    command loop and the command cannot swallow the host's next line.
+
+    It runs in the background, in a session of its own (``setsid``): the guest's command
+    loop stays free to read the next line, so :func:`interrupt_line` (or a power-off) works
+    while it runs.  Its output is framed by markers carrying ``token`` and ``number``:
+    ``@@TOKEN:START:N@@`` before it, ``@@TOKEN:EXIT:N:STATUS@@`` after it, so output and
+    status of one command can never be taken for another's.
     """
-    return f"( . {shlex.quote(script)} ) </dev/null; printf '@@%s:EXIT:%d@@\\n' {token} $?\n".encode()
+    body = (f'printf "@@%s:START:%s@@\\n" {token} {number}; ( . "$1" ) </dev/null; '
+            f'printf "@@%s:EXIT:%s:%d@@\\n" {token} {number} $?')
+    return (f"setsid sh -c {shlex.quote(body)} sh {shlex.quote(script)} </dev/null & "
+            f"_sp_{number}=$!\n").encode()
+
+
+def reap_line(number: int) -> bytes:
+    """Collect command ``number``'s wrapper once it has printed its exit marker (the guest's
+    PID 1 must reap what it started)."""
+    return f"wait $_sp_{number} 2>/dev/null\n".encode()
+
+
+def interrupt_line(token: str, number: int) -> bytes:
+    """Kill command ``number`` and everything in its session; the guest answers
+    ``@@TOKEN:KILLED:N@@`` once it is gone."""
+    return (f"kill -KILL -$_sp_{number} 2>/dev/null; wait $_sp_{number} 2>/dev/null; "
+            f"printf '@@%s:KILLED:%s@@\\n' {token} {number}\n").encode()
+
+
+class CommandScanner:
+    """Picks one command's output and status out of the guest's console stream (pure).
+
+    :meth:`feed` takes console bytes and returns the output that belongs to command
+    ``number``: nothing before its start marker (leftovers of an earlier, interrupted
+    command), and nothing of the markers.  :attr:`status` is set when its exit marker
+    arrives, :attr:`killed` when an interruption's does; :attr:`done` is either.  A tail
+    that may be the start of a split marker is held back until the next feed.
+    """
+
+    def __init__(self, token: str, number: int) -> None:
+        self._start = f"@@{token}:START:{number}@@\n".encode()
+        self._exit = f"@@{token}:EXIT:{number}:".encode()
+        self._killed = f"@@{token}:KILLED:{number}@@\n".encode()
+        self._pending = b""
+        self.started = False
+        self.status: int | None = None
+        self.killed = False
+
+    @property
+    def done(self) -> bool:
+        return self.status is not None or self.killed
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return b""
+        self._pending += data
+        out = b""
+        if not self.started:
+            at = self._pending.find(self._start)
+            if at < 0:
+                if self._killed in self._pending:  # interrupted before it even started
+                    self.killed = True
+                self._pending = self._pending[-len(self._killed):]
+                return b""
+            self.started = True
+            self._pending = self._pending[at + len(self._start):]
+        at = self._pending.find(self._exit)
+        if at >= 0:
+            end = self._pending.find(b"@@\n", at + len(self._exit))
+            if end < 0:
+                out, self._pending = self._pending[:at], self._pending[at:]  # status not all here
+                return out
+            self.status = int(self._pending[at + len(self._exit):end])
+            return self._pending[:at]
+        at = self._pending.find(self._killed)
+        if at >= 0:
+            self.killed = True
+            return self._pending[:at]
+        keep = max(len(self._exit), len(self._killed)) - 1
+        if len(self._pending) > keep:
+            out, self._pending = self._pending[:-keep], self._pending[-keep:]
+        return out
 
 
 def command_text(argv: str | Sequence[str]) -> str:

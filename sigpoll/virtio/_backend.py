@@ -22,8 +22,8 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from .._unixsock import listen_unix, peer_allowed
@@ -574,14 +574,17 @@ class VhostUserBackend:
     served meanwhile; the rings keep moving).  ``require_sealed_memory`` refuses memory
     that is not a memfd sealed against shrinking; without it (the default, since UML's
     memory is a plain file) memory that shrinks under the backend drops the frontend.
+    ``allow_uids`` are users besides this one and root whose frontends are served (the
+    guest runtime's jailed UML).
     """
 
     def __init__(self, device: VirtioDevice, *, reply_ack: bool = True, reply_timeout: float = 5.0,
-                 require_sealed_memory: bool = False) -> None:
+                 require_sealed_memory: bool = False, allow_uids: Collection[int] = ()) -> None:
         self.device = device
         self.reply_ack = reply_ack
         self.reply_timeout = reply_timeout
         self.require_sealed_memory = require_sealed_memory
+        self.allow_uids = frozenset(allow_uids)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.connection: _Connection | None = None
         self.sessions = 0  #: frontends served so far (finished or current)
@@ -593,7 +596,7 @@ class VhostUserBackend:
     def listen(self, path: str) -> socket.socket:
         """Create the listening socket, mode 0600 (replacing a stale socket file at ``path``;
         any other file there is a :class:`FileExistsError`)."""
-        self._listener = listen_unix(path)
+        self._listener = listen_unix(path, allow_uids=self.allow_uids)
         return self._listener
 
     async def serve(self, path: str | None = None) -> None:
@@ -607,7 +610,7 @@ class VhostUserBackend:
         try:
             while not self._stopping:
                 conn_sock, _ = await self.loop.sock_accept(self._listener)
-                if not peer_allowed(conn_sock):
+                if not peer_allowed(conn_sock, self.allow_uids):
                     # A frontend hands us memory to map and write: only our own user (or
                     # root) may be one, even if the socket's directory lets others in.
                     log.warning("vhost-user: refused a frontend that is neither this user nor root")
