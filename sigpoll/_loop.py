@@ -166,6 +166,23 @@ class _ReadPipeTransport(_ReadPipeTransportBase):  # type: ignore[misc]
         self._loop.call_soon(self._call_connection_lost, None)
 
 
+_HandleT = TypeVar("_HandleT", bound=asyncio.Handle)
+
+
+def _from_caller(handle: _HandleT) -> _HandleT:
+    """Drop this module's frames from the end of a debug-mode handle's creation stack.
+
+    asyncio trims its own frames from ``Handle._source_traceback`` (the stack recorded in
+    debug mode) so that it ends at the line that scheduled the callback; the overrides
+    here add frames of their own on top, which would make ``repr(handle)``, slow-callback
+    warnings and "created at" reports point into this file.
+    """
+    tb = getattr(handle, "_source_traceback", None)
+    while tb and tb[-1].filename == __file__:
+        del tb[-1]
+    return handle
+
+
 def _new_poller(signal: int | None, busy_poll_us: float) -> Poller:
     # The poller warns about threads that do not block its signals.  That only matters
     # once a device fd sends signals, and a plain loop has none, so the check is
@@ -235,6 +252,9 @@ class Loop(asyncio.SelectorEventLoop):
         extra: dict[str, Any] | None = None,
         server: asyncio.AbstractServer | None = None,
     ) -> asyncio.Transport:
+        # CPython 3.12+ makes this check in the method replaced here (GH-88968); sigpoll
+        # makes it on every version, so a socket never gets a second transport.
+        self._ensure_fd_no_transport(sock)
         return _SocketTransport(self, sock, protocol, waiter, extra, server)
 
     def _make_datagram_transport(
@@ -245,6 +265,7 @@ class Loop(asyncio.SelectorEventLoop):
         waiter: asyncio.Future[Any] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> asyncio.DatagramTransport:
+        self._ensure_fd_no_transport(sock)  # as in _make_socket_transport
         return _DatagramTransport(self, sock, protocol, address, waiter, extra)
 
     def _make_read_pipe_transport(
@@ -367,7 +388,7 @@ class Loop(asyncio.SelectorEventLoop):
         context: contextvars.Context | None = None,
     ) -> asyncio.Handle:
         if self._debug or self._closed:
-            return super().call_soon(callback, *args, context=context)
+            return _from_caller(super().call_soon(callback, *args, context=context))
         handle = _Handle(callback, args, self, context)
         self._ready.append(handle)
         return handle
@@ -380,7 +401,7 @@ class Loop(asyncio.SelectorEventLoop):
         context: contextvars.Context | None = None,
     ) -> asyncio.TimerHandle:
         if when is None or self._debug or self._closed:
-            return super().call_at(when, callback, *args, context=context)
+            return _from_caller(super().call_at(when, callback, *args, context=context))
         timer: Any = _TimerHandle(when, callback, args, self, context)
         heapq.heappush(self._scheduled, timer)
         timer._scheduled = True
@@ -394,7 +415,7 @@ class Loop(asyncio.SelectorEventLoop):
         context: contextvars.Context | None = None,
     ) -> asyncio.TimerHandle:
         if delay is None or self._debug or self._closed:
-            return super().call_later(delay, callback, *args, context=context)
+            return _from_caller(super().call_later(delay, callback, *args, context=context))
         return self.call_at(self.time() + delay, callback, *args, context=context)
 
     def _callback_failed(self, handle: Any, exc: BaseException) -> None:
@@ -500,6 +521,11 @@ class Loop(asyncio.SelectorEventLoop):
             self._claim_wakeup_fd()
 
     def run_forever(self) -> None:
+        if self._closed or self.is_running():
+            # asyncio refuses it with its own RuntimeError; the wake-up fd (claimed by the
+            # run that is going on, if any) is none of this call's business.
+            super().run_forever()
+            return  # pragma: no cover (asyncio raised)
         self._claim_wakeup_fd()
         try:
             super().run_forever()

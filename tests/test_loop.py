@@ -12,7 +12,8 @@ import threading
 import time
 import tty
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -578,3 +579,115 @@ def test_attached_device_reader_on_an_fd_without_fasync() -> None:
     finally:
         os.close(efd)
         loop.close()
+
+
+# -- defects found on 3.12+ and by reading the loop (each bound to both loops) -----------------
+
+
+@pytest.fixture
+def any_loop(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> Iterator[asyncio.AbstractEventLoop]:
+    lp = loop_factory()
+    yield lp
+    if not lp.is_closed():
+        lp.close()
+
+
+def _stock_asyncio_before_312(request: pytest.FixtureRequest) -> bool:
+    return bool(request.node.callspec.params.get("loop_factory") == "asyncio"
+                and sys.version_info < (3, 12))
+
+
+def test_a_second_transport_on_a_socket_in_use_is_refused(
+    any_loop: asyncio.AbstractEventLoop, request: pytest.FixtureRequest
+) -> None:
+    # CPython 3.12 checks this in _make_socket_transport/_make_datagram_transport
+    # (GH-88968); sigpoll's loop makes its own transports and must check it on every version.
+    if _stock_asyncio_before_312(request):
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="stock asyncio before 3.12 lets a second transport replace the first"))
+    lp = any_loop
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        first, _ = await lp.connect_accepted_socket(asyncio.Protocol, a)
+        with pytest.raises(RuntimeError, match="is used by transport"):
+            await lp.connect_accepted_socket(asyncio.Protocol, a)
+        assert not first.is_closing()
+        first.close()
+        b.close()
+        d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        d.bind(("127.0.0.1", 0))
+        dfirst, _ = await lp.create_datagram_endpoint(asyncio.DatagramProtocol, sock=d)
+        with pytest.raises(RuntimeError, match="is used by transport"):
+            await lp.create_datagram_endpoint(asyncio.DatagramProtocol, sock=d)
+        dfirst.close()
+        await asyncio.sleep(0)
+
+    lp.run_until_complete(main())
+
+
+def test_debug_source_traceback_ends_at_the_callers_line(any_loop: asyncio.AbstractEventLoop) -> None:
+    # repr(handle), slow-callback warnings and "created at" reports point at the last frame
+    # of Handle._source_traceback: it must be the line that scheduled the callback.
+    lp = any_loop
+    lp.set_debug(True)
+    contexts: list[dict[str, Any]] = []
+    lp.set_exception_handler(lambda _lp, ctx: contexts.append(ctx))
+
+    def fail() -> None:
+        raise ZeroDivisionError
+
+    here = sys._getframe().f_code.co_name
+    handles = [
+        lp.call_soon(fail),
+        lp.call_later(0.001, fail),
+        lp.call_at(lp.time() + 0.001, fail),
+    ]
+    for h in handles:
+        frame = h._source_traceback[-1]  # type: ignore[attr-defined]
+        assert (frame.filename, frame.name) == (__file__, here), h._source_traceback  # type: ignore[attr-defined]
+    lp.run_until_complete(asyncio.sleep(0.05))
+    assert len(contexts) == 3
+    for ctx in contexts:
+        assert ctx["source_traceback"][-1].name == here
+    lp.set_debug(False)
+    assert not hasattr(lp.call_soon(fail), "_source_traceback") or not lp.call_soon(
+        fail)._source_traceback  # type: ignore[attr-defined]
+
+
+def test_busy_polling_run_forever_on_a_closed_loop_is_a_runtime_error() -> None:
+    lp = new_event_loop(busy_poll_us=50)
+    lp.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        lp.run_forever()
+    coro = asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="closed"):
+        lp.run_until_complete(coro)
+    coro.close()
+
+
+def test_a_refused_nested_run_forever_keeps_the_outer_runs_wakeup_fd() -> None:
+    # While a busy-polling loop runs in the main thread, signals must leave a wake-up byte
+    # (see Loop._claim_wakeup_fd); a nested run_forever() that asyncio refuses must not
+    # take that away from the run still going on.
+    lp = new_event_loop(busy_poll_us=50)
+    seen: list[object] = []
+
+    def nested() -> None:
+        try:
+            lp.run_forever()
+        except RuntimeError as exc:
+            seen.append(exc)
+        old = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(old)
+        seen.append(old)
+
+    try:
+        lp.call_soon(nested)
+        lp.run_until_complete(asyncio.sleep(0.01))
+        assert isinstance(seen[0], RuntimeError) and "already running" in str(seen[0])
+        assert seen[1] == lp._csock.fileno()  # type: ignore[attr-defined]
+    finally:
+        lp.close()
+    old = signal.set_wakeup_fd(-1)
+    assert old == -1  # released once the outer run ended
