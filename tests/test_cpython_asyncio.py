@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import sys
 import unittest
 from types import ModuleType
@@ -97,7 +98,7 @@ class SigpollStartServerTests(test_server.SelectorStartServerTests):
 
 # -- the policy-driven modules ----------------------------------------------------------
 
-#: Modules whose tests get their loops from the event loop policy.
+#: Modules whose tests get their loops from the event loop policy (every supported version).
 POLICY_MODULES = (
     "test_locks",
     "test_queues",
@@ -114,8 +115,23 @@ POLICY_MODULES = (
     "test_sslproto",
 )
 
+#: Policy-driven modules that only some versions have, bound where the running one does:
+#: test_eager_task_factory (3.12+), test_staggered (3.13+; earlier versions test it with
+#: a fake loop), and test_server, whose IsolatedAsyncioTestCase classes (3.12+) check the
+#: Server.close()/wait_closed() semantics that changed in 3.12 and 3.13.
+OPTIONAL_POLICY_MODULES = ("test_eager_task_factory", "test_staggered", "test_server")
+
+#: Every policy-driven module the running interpreter's test_asyncio has.
+BOUND_MODULES = POLICY_MODULES + tuple(
+    name for name in OPTIONAL_POLICY_MODULES
+    if importlib.util.find_spec(f"test.test_asyncio.{name}") is not None
+)
+
+#: Classes bound above with sigpoll's loop directly; not bound a second time.
+_BOUND_DIRECTLY = {test_server.SelectorStartServerTests}
+
 #: How many sigpoll loops each module's tests created (checked at the end).
-LOOPS_CREATED: dict[str, int] = {name: 0 for name in POLICY_MODULES}
+LOOPS_CREATED: dict[str, int] = {name: 0 for name in BOUND_MODULES}
 
 
 class _CountingPolicy(EventLoopPolicy):
@@ -136,7 +152,13 @@ class _UnderSigpollPolicy:
     _sigpoll_module: ClassVar[str]
 
     def run(self, result: Any = None) -> Any:
-        asyncio.set_event_loop_policy(_CountingPolicy(self._sigpoll_module))
+        policy = _CountingPolicy(self._sigpoll_module)
+        asyncio.set_event_loop_policy(policy)
+        # CPython runs these tests after others have called set_event_loop(None) on the
+        # policy (test_utils.TestCase does in every tearDown), and some depend on it:
+        # test_create_subprocess_with_pidfd expects get_event_loop() to raise rather than
+        # warn and make a loop, which a policy nobody has set a loop on does.
+        policy.set_event_loop(None)
         try:
             return super().run(result)  # type: ignore[misc]
         finally:
@@ -150,6 +172,7 @@ def _bind_policy_module(name: str) -> None:
             isinstance(obj, type)
             and issubclass(obj, unittest.TestCase)
             and obj.__module__ == module.__name__
+            and obj not in _BOUND_DIRECTLY
         ):
             continue
         bound_name = f"{name}__{attr}"
@@ -161,7 +184,7 @@ def _bind_policy_module(name: str) -> None:
         globals()[bound_name] = bound
 
 
-for _name in POLICY_MODULES:
+for _name in BOUND_MODULES:
     _bind_policy_module(_name)
 del _name
 
