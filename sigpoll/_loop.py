@@ -34,7 +34,7 @@ from selectors import EVENT_READ, EVENT_WRITE
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, Unpack
 
 from ._errors import PollerClosedError, SignalMaskWarning
-from ._poller import Counters, FileLike, Poller
+from ._poller import WAKES_READER, WAKES_WRITER, Counters, FileLike, Poller
 from ._selector import PollerSelector
 from ._signals import threads_not_blocking
 
@@ -43,11 +43,6 @@ __all__ = ["EventLoopPolicy", "Loop", "install", "new_event_loop", "run"]
 _T = TypeVar("_T")
 _Ts = TypeVarTuple("_Ts")
 
-_EPOLLIN = 0x001
-_EPOLLOUT = 0x004
-# Same rule as the selector: error and hang-up wake both directions.
-_NOT_IN = ~_EPOLLIN
-_NOT_OUT = ~_EPOLLOUT
 _SIGIO = int(_signal.SIGIO)
 
 # Kept equal to asyncio.base_events so timer housekeeping behaves identically.
@@ -333,12 +328,12 @@ class Loop(asyncio.SelectorEventLoop):
                 if key is None:
                     continue  # unregistered by a callback earlier in this batch
                 reader, writer = key.data
-                if reader is not None and ev & _NOT_OUT:
+                if reader is not None and ev & WAKES_READER:
                     if reader._cancelled:
                         self._remove_reader(key.fileobj)
                     else:
                         ready.append(reader)
-                if writer is not None and ev & _NOT_IN:
+                if writer is not None and ev & WAKES_WRITER:
                     if writer._cancelled:
                         self._remove_writer(key.fileobj)
                     else:

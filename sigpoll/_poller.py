@@ -28,7 +28,7 @@ except ModuleNotFoundError as exc:  # the C core is not built where sigpoll was 
         name=__package__,
     ) from None
 from ._errors import PollerClosedError, SignalMaskWarning
-from ._signals import DEFAULT_SIGNAL, check_signal_free, threads_not_blocking
+from ._signals import DEFAULT_SIGNAL, check_signal_free, claim_signal, threads_not_blocking
 
 __all__ = [
     "ERROR",
@@ -38,6 +38,8 @@ __all__ = [
     "Counters",
     "FileLike",
     "Poller",
+    "WAKES_READER",
+    "WAKES_WRITER",
     "register_device",
 ]
 
@@ -45,6 +47,13 @@ READABLE: int = select.EPOLLIN
 WRITABLE: int = select.EPOLLOUT
 ERROR: int = select.EPOLLERR
 HANGUP: int = select.EPOLLHUP
+
+# Which callbacks a wait()'s events run, for every dispatcher (the loop, its selector, an
+# attached poller): anything but EPOLLOUT alone wakes a reader, anything but EPOLLIN alone
+# wakes a writer.  An error or a hang-up thus wakes both sides, so each can read or write
+# and get the errno (or EOF) instead of waiting for a readiness that never comes.
+WAKES_READER: int = ~WRITABLE
+WAKES_WRITER: int = ~READABLE
 
 _MAX_TIMEOUT_MS = 2**31 - 1
 _SIGIO = int(_signal_module.SIGIO)  # the kernel's fallback when the RT queue overflows
@@ -145,7 +154,7 @@ class Poller:
     are checked, and a :class:`SignalMaskWarning` names any that do not block them.
     """
 
-    __slots__ = ("_p", "_buf", "_ints", "_max", "_woken", "_signal", "__weakref__")
+    __slots__ = ("_p", "_buf", "_ints", "_max", "_woken", "_signal", "_unclaim", "__weakref__")
 
     def __init__(
         self,
@@ -165,6 +174,9 @@ class Poller:
             raise OSError(-rc, f"cannot create poller: {os.strerror(-rc)}")
         self._p = ffi.gc(out[0], lib.sp_poller_free)
         self._signal: int = int(lib.sp_poller_signal(self._p))
+        # Counted as in use until close() (or collection), so a new poller that picks its
+        # own signal (sigpoll.attach) can stay clear of it.
+        self._unclaim = claim_signal(self, self._signal)
         self._max = max_events
         self._buf = ffi.new("sp_event[]", max_events)
         # One view of the event buffer as flat (fd, events) pairs: wait() slices it into
@@ -331,6 +343,7 @@ class Poller:
         Closing twice is harmless.
         """
         lib.sp_poller_close(self._p)
+        self._unclaim()
 
     def __enter__(self) -> Poller:
         return self

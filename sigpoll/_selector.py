@@ -17,17 +17,13 @@ from collections.abc import Iterator, Mapping
 from selectors import EVENT_READ, EVENT_WRITE, BaseSelector, SelectorKey
 from typing import Any
 
-from ._poller import FileLike, Poller, register_device
+from ._poller import WAKES_READER, WAKES_WRITER, FileLike, Poller, register_device
 from ._poller import _fd_of as _fileobj_to_fd
 
 __all__ = ["PollerSelector"]
 
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
-# Anything but EPOLLIN (ERR, HUP, OUT) wakes a writer, anything but EPOLLOUT wakes a
-# reader: both sides must see an error or hang-up so they can read/send and get the errno.
-_NOT_IN = ~_EPOLLIN
-_NOT_OUT = ~_EPOLLOUT
 
 
 def _to_epoll(events: int) -> int:
@@ -172,9 +168,9 @@ class PollerSelector(BaseSelector):
             if key is None:
                 continue
             events = 0
-            if ev & _NOT_IN:
+            if ev & WAKES_WRITER:
                 events |= EVENT_WRITE
-            if ev & _NOT_OUT:
+            if ev & WAKES_READER:
                 events |= EVENT_READ
             ready.append((key, events & key.events))
         return ready
