@@ -4,6 +4,7 @@ The public surface is re-exported here; everything else lives in private modules
 """
 
 from ._attach import AttachedPoller, attach
+from ._devices import DeviceWatcher, device_watcher
 from ._errors import PollerClosedError, SignalMaskWarning, WriteBufferFullError
 from ._loop import EventLoopPolicy, Loop, install, new_event_loop, run
 from ._poller import ERROR, HANGUP, READABLE, WRITABLE, Counters, FileLike, Poller
@@ -17,6 +18,7 @@ __all__ = [
     "READABLE",
     "WRITABLE",
     "Counters",
+    "DeviceWatcher",
     "EventLoopPolicy",
     "FileLike",
     "Loop",
@@ -25,6 +27,7 @@ __all__ = [
     "SignalMaskWarning",
     "WriteBufferFullError",
     "attach",
+    "device_watcher",
     "install",
     "new_event_loop",
     "run",

@@ -14,23 +14,31 @@ import contextvars
 from collections.abc import Callable
 from typing import Any
 
-from ._poller import Counters, FileLike, Poller, register_device
-from ._signals import DEFAULT_SIGNAL
+from ._devices import _forget_attached, _note_attached, attached_to
+from ._poller import (
+    READABLE,
+    WAKES_READER,
+    WAKES_WRITER,
+    WRITABLE,
+    Counters,
+    FileLike,
+    Poller,
+    _fd_of,
+    register_device,
+)
+from ._signals import pick_signal
 
 __all__ = ["AttachedPoller", "attach"]
 
-_EPOLLIN = 0x001
-_EPOLLOUT = 0x004
-# Error and hang-up wake both directions, so each side can read or write and see the errno.
-_NOT_IN = ~_EPOLLIN
-_NOT_OUT = ~_EPOLLOUT
 
+def _signals_read_on(loop: asyncio.AbstractEventLoop) -> dict[int, object]:
+    """The hint signals already read on ``loop``'s thread: signal -> whose."""
+    from ._loop import Loop
 
-def _fd_of(fileobj: FileLike) -> int:
-    fd = fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
-    if fd < 0:
-        raise ValueError(f"invalid file descriptor: {fd}")
-    return fd
+    taken: dict[int, object] = {p.poller_signal: p for p in attached_to(loop)}
+    if isinstance(loop, Loop) and not loop.is_closed():
+        taken[loop.poller_signal] = loop
+    return taken
 
 
 class _Callback:
@@ -47,7 +55,7 @@ class _Callback:
 class AttachedPoller:
     """A sigpoll poller running inside another event loop.  Create with :func:`attach`.
 
-    The device API matches :class:`sigpoll.Loop`'s: :meth:`add_device_reader`,
+    A :class:`sigpoll.DeviceWatcher`, like :class:`sigpoll.Loop`: :meth:`add_device_reader`,
     :meth:`add_device_writer`, :meth:`remove_device_reader`, :meth:`remove_device_writer`
     and :meth:`poller_counters`.  Callbacks run on the host loop's thread, from the host
     loop's reader callback for the poller's fd; an exception in one goes to the host loop's
@@ -59,6 +67,18 @@ class AttachedPoller:
         self, loop: asyncio.AbstractEventLoop, *, signal: int | None = None, max_events: int = 256
     ) -> None:
         self._loop = loop
+        # The loop's own poller (a sigpoll Loop) and any poller attached before are read on
+        # this loop's thread too: sharing a signal with one of them would let it drain
+        # this poller's hints (and the other way round), so a shared one is refused.
+        taken = _signals_read_on(loop)
+        if signal is None:
+            signal = pick_signal(frozenset(taken))
+        elif signal in taken:
+            raise ValueError(
+                f"signal {signal} already carries the hints of {taken[signal]!r} on this "
+                "loop's thread; pass another real-time signal, or omit signal= to have a "
+                "free one picked"
+            )
         self._poller = Poller(signal=signal, max_events=max_events)
         # fd -> [reader, writer]; the mask registered in the poller follows from it.
         self._callbacks: dict[int, list[_Callback | None]] = {}
@@ -68,6 +88,7 @@ class AttachedPoller:
         except BaseException:
             self._poller.close()
             raise
+        _note_attached(self)
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -170,9 +191,9 @@ class AttachedPoller:
             if pair is None:
                 continue
             reader, writer = pair
-            if reader is not None and ev & _NOT_OUT:
+            if reader is not None and ev & WAKES_READER:
                 self._run(reader)
-            if writer is not None and ev & _NOT_IN and pair[1] is writer:
+            if writer is not None and ev & WAKES_WRITER and pair[1] is writer:
                 self._run(writer)
 
     def _run(self, cb: _Callback) -> None:
@@ -198,6 +219,7 @@ class AttachedPoller:
         """
         if self._poller.closed:
             return
+        _forget_attached(self)
         if not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
         self._callbacks.clear()
@@ -215,7 +237,7 @@ class AttachedPoller:
 
 
 def _mask(pair: list[_Callback | None]) -> int:
-    return (_EPOLLIN if pair[0] is not None else 0) | (_EPOLLOUT if pair[1] is not None else 0)
+    return (READABLE if pair[0] is not None else 0) | (WRITABLE if pair[1] is not None else 0)
 
 
 def attach(
@@ -228,10 +250,13 @@ def attach(
 
     Works with any loop that implements ``add_reader`` for an epoll fd: stock asyncio's
     selector loop, uvloop, and sigpoll's own loop.  Register device fds on the returned
-    :class:`AttachedPoller`.  ``signal`` is the poller's real-time hint signal (default
-    :data:`sigpoll.DEFAULT_SIGNAL`); two pollers in one process should use different
-    signals, since a queued hint is read by whichever poller drains it first.
+    :class:`AttachedPoller`; backends started on ``loop`` afterwards find it through
+    :func:`sigpoll.device_watcher`.  ``signal`` is the poller's real-time hint signal;
+    by default :data:`sigpoll.DEFAULT_SIGNAL`, or the next one no poller of this process
+    uses.  A signal already read on the loop's thread (a sigpoll loop's own, another
+    attached poller's) is refused with ValueError: whichever poller drained it first would
+    take the other's hints.
     """
     if loop is None:
         loop = asyncio.get_running_loop()
-    return AttachedPoller(loop, signal=DEFAULT_SIGNAL if signal is None else signal, max_events=max_events)
+    return AttachedPoller(loop, signal=signal, max_events=max_events)

@@ -14,10 +14,12 @@ import sigpoll
 
 EXPECTED_TOP_LEVEL = {
     "AttachedPoller",
+    "DeviceWatcher",
     "DEFAULT_SIGNAL",
     "EventLoopPolicy",
     "Loop",
     "attach",
+    "device_watcher",
     "install",
     "new_event_loop",
     "run",
