@@ -4,8 +4,10 @@ A console is a pair of file descriptors (one fd for both directions is fine): a 
 whose slave a guest opens, a host tty, or the user's own terminal.  :class:`ConsoleTransport`
 moves bytes both ways as a real :class:`asyncio.Transport`, with write flow control
 (high/low water marks, ``pause_writing``/``resume_writing``) and read backpressure
-(``pause_reading``/``resume_reading``).  On sigpoll's loop the fds are watched as devices
-(O_ASYNC hints plus epoll, the race-free scheme); on any other loop through
+(``pause_reading``/``resume_reading``).  The fds are watched through a
+:class:`sigpoll.DeviceWatcher` (``devices=``, default :func:`sigpoll.device_watcher` of the
+loop): sigpoll's loop itself, or the poller :func:`sigpoll.attach` put into stock asyncio or
+uvloop, both race-free (O_ASYNC hints plus epoll); on a loop with neither, the loop's
 ``add_reader``/``add_writer``.
 
 A pty master reports EIO once the last slave fd closes (the guest shut down or rebooted).
@@ -28,6 +30,7 @@ import tty
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._devices import DeviceWatcher, device_watcher
 from ._transport import FlowControlledTransport
 
 __all__ = [
@@ -244,29 +247,6 @@ class Pty:
 # -- the transport --------------------------------------------------------------------------
 
 
-def _watch(loop: asyncio.AbstractEventLoop, fd: int, writing: bool, cb: Callable[[], None]) -> None:
-    """Watch a console fd: as a device on sigpoll's loop, through add_reader/add_writer elsewhere."""
-    name = "add_device_writer" if writing else "add_device_reader"
-    device = getattr(loop, name, None)
-    if device is not None:
-        device(fd, cb)
-    elif writing:
-        loop.add_writer(fd, cb)
-    else:
-        loop.add_reader(fd, cb)
-
-
-def _unwatch(loop: asyncio.AbstractEventLoop, fd: int, writing: bool) -> None:
-    name = "remove_device_writer" if writing else "remove_device_reader"
-    device = getattr(loop, name, None)
-    if device is not None:
-        device(fd)
-    elif writing:
-        loop.remove_writer(fd)
-    else:
-        loop.remove_reader(fd)
-
-
 class ConsoleProtocol(asyncio.Protocol):
     """A protocol base for consoles: adds ``resized(rows, cols)``, called on host resizes."""
 
@@ -281,6 +261,7 @@ class ConsoleTransport(FlowControlledTransport):
     master when the slave side is closed) ends the transport with ``connection_lost(None)``.
     Writes are buffered: ``write`` never blocks and never drops; above the high-water mark
     the protocol's ``pause_writing`` is called, below the low-water mark ``resume_writing``.
+    ``devices`` watches the fds (default: :func:`sigpoll.device_watcher` of ``loop``).
     """
 
     def __init__(
@@ -292,7 +273,10 @@ class ConsoleTransport(FlowControlledTransport):
         *,
         close_fds: bool = True,
         extra: dict[str, Any] | None = None,
+        devices: DeviceWatcher | None = None,
     ) -> None:
+        # Asked once: every fd added to a watcher is removed from the same one.
+        self._devices = device_watcher(loop) if devices is None else devices
         extra = dict(extra or {})
         extra.setdefault("read_fd", read_fd)
         extra.setdefault("write_fd", read_fd if write_fd is None else write_fd)
@@ -318,7 +302,7 @@ class ConsoleTransport(FlowControlledTransport):
 
     def _start_reading(self) -> None:
         if self._reading and not self._closing:
-            _watch(self._loop, self._rfd, False, self._on_readable)
+            self._devices.add_device_reader(self._rfd, self._on_readable)
 
     def _on_readable(self) -> None:
         # Read until EAGAIN: on a device fd a hint means "look now", and edge-style
@@ -347,7 +331,7 @@ class ConsoleTransport(FlowControlledTransport):
         with contextlib.suppress(AttributeError):
             keep_open = bool(self._protocol.eof_received())
         if keep_open:
-            _unwatch(self._loop, self._rfd, False)
+            self._devices.remove_device_reader(self._rfd)
             self._reading = False
             return
         self._force_close(None)
@@ -355,12 +339,12 @@ class ConsoleTransport(FlowControlledTransport):
     def pause_reading(self) -> None:
         if self._reading and not self._closing:
             self._reading = False
-            _unwatch(self._loop, self._rfd, False)
+            self._devices.remove_device_reader(self._rfd)
 
     def resume_reading(self) -> None:
         if not self._reading and not self._closing:
             self._reading = True
-            _watch(self._loop, self._rfd, False, self._on_readable)
+            self._devices.add_device_reader(self._rfd, self._on_readable)
 
     def is_reading(self) -> bool:
         return self._reading and not self._closing
@@ -393,7 +377,7 @@ class ConsoleTransport(FlowControlledTransport):
     def _arm_writer(self) -> None:
         if not self._writer_armed:
             self._writer_armed = True
-            _watch(self._loop, self._wfd, True, self._on_writable)
+            self._devices.add_device_writer(self._wfd, self._on_writable)
 
     def _on_writable(self) -> None:
         while self._buffer:
@@ -413,7 +397,7 @@ class ConsoleTransport(FlowControlledTransport):
                 self._buffer[0] = chunk[n:]
         if not self._buffer:
             self._writer_armed = False
-            _unwatch(self._loop, self._wfd, True)
+            self._devices.remove_device_writer(self._wfd)
             self._drained()
         self._maybe_resume()
 
@@ -428,7 +412,7 @@ class ConsoleTransport(FlowControlledTransport):
     def _on_close(self) -> None:
         # No more input once close() is asked for; output still drains.
         if self._reading:
-            _unwatch(self._loop, self._rfd, False)
+            self._devices.remove_device_reader(self._rfd)
 
     def _fatal(self, exc: Exception) -> None:
         if self._loop.get_debug():
@@ -440,10 +424,10 @@ class ConsoleTransport(FlowControlledTransport):
 
     def _detach(self) -> None:
         with contextlib.suppress(Exception):
-            _unwatch(self._loop, self._rfd, False)
+            self._devices.remove_device_reader(self._rfd)
         if self._writer_armed:
             with contextlib.suppress(Exception):
-                _unwatch(self._loop, self._wfd, True)
+                self._devices.remove_device_writer(self._wfd)
             self._writer_armed = False
         self._buffer.clear()
         self._buffered = 0
@@ -504,15 +488,18 @@ async def connect_console(
     *,
     close_fds: bool = True,
     tee: Any = None,
+    devices: DeviceWatcher | None = None,
 ) -> tuple[ConsoleTransport, asyncio.Protocol]:
     """Attach a protocol to a console fd pair on the running loop.
 
-    ``tee`` is a binary file object that receives a copy of everything read.
+    ``tee`` is a binary file object that receives a copy of everything read.  ``devices``
+    watches the fds (default: :func:`sigpoll.device_watcher` of the running loop).
     """
     loop = asyncio.get_running_loop()
     protocol = protocol_factory()
     inner = TeeProtocol(protocol, tee) if tee is not None else protocol
-    transport = ConsoleTransport(loop, inner, read_fd, write_fd, close_fds=close_fds)
+    transport = ConsoleTransport(loop, inner, read_fd, write_fd, close_fds=close_fds,
+                                 devices=devices)
     return transport, protocol
 
 
@@ -524,13 +511,14 @@ async def open_console(
     limit: int = 2**16,
     close_fds: bool = True,
     tee: Any = None,
+    devices: DeviceWatcher | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a console as asyncio streams: ``reader, writer = await open_console(fd)``.
 
     Give an fd (and optionally a separate write fd), or a ``path`` to open (a tty device or
     a pty slave).  The streams are binary-safe; ``writer.drain()`` waits for the tty to take
     what was written (write flow control), and a slow reader of ``reader`` pauses reading
-    from the tty (read backpressure).
+    from the tty (read backpressure).  ``devices`` is as for :func:`connect_console`.
     """
     if path is not None:
         if read_fd is not None:
@@ -543,7 +531,7 @@ async def open_console(
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     transport, _ = await connect_console(
-        lambda: protocol, read_fd, write_fd, close_fds=close_fds, tee=tee
+        lambda: protocol, read_fd, write_fd, close_fds=close_fds, tee=tee, devices=devices
     )
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer

@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .._devices import device_watcher
 from .._unixsock import listen_unix, peer_allowed
 from ._vhost_user import (
     MAX_CONFIG_SIZE,
@@ -78,14 +79,13 @@ class VirtioDevice(Protocol):
 
 
 def _watch_reader(loop: asyncio.AbstractEventLoop, fd: int, cb: Any) -> None:
-    # On sigpoll's loop a kick eventfd is a device fd; elsewhere a plain reader.
-    add = getattr(loop, "add_device_reader", None) or loop.add_reader
-    add(fd, cb)
+    # A kick eventfd goes to the loop's device watcher: sigpoll's loop, the poller
+    # sigpoll.attach() put into another loop, or else that loop's add_reader.
+    device_watcher(loop).add_device_reader(fd, cb)
 
 
 def _unwatch_reader(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    remove = getattr(loop, "remove_device_reader", None) or loop.remove_reader
-    remove(fd)
+    device_watcher(loop).remove_device_reader(fd)
 
 
 def _close(fd: int | None) -> None:

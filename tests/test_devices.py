@@ -1,0 +1,315 @@
+"""The device seam: one DeviceWatcher protocol, found per loop, taken by every backend.
+
+A backend (console, virtio kick fd) asks ``sigpoll.device_watcher()`` once and watches its fds
+there: sigpoll's loop itself, the poller ``sigpoll.attach()`` nested in stock asyncio or
+uvloop, or the plain add_reader fallback.  The proof that fds really reach the attached
+poller is its counters, and O_ASYNC on the fd while it is watched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import gc
+import os
+import signal
+import tty
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import sigpoll
+from sigpoll import AttachedPoller, DeviceWatcher, Loop, attach, device_watcher
+from sigpoll._signals import pick_signal, signals_in_use
+from sigpoll.tty import connect_console
+
+__all__: list[str] = []
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _hosts() -> list[str]:
+    names = ["asyncio", "sigpoll"]
+    try:
+        import uvloop  # noqa: F401
+
+        names.append("uvloop")
+    except ImportError:  # pragma: no cover
+        pass
+    return names
+
+
+def _new_host(name: str) -> asyncio.AbstractEventLoop:
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    if name == "sigpoll":
+        return sigpoll.new_event_loop()
+    return asyncio.SelectorEventLoop()
+
+
+@pytest.fixture(params=_hosts())
+def host(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    lp = _new_host(request.param)
+    yield lp
+    lp.close()
+
+
+@pytest.fixture(params=[h for h in _hosts() if h != "sigpoll"])
+def foreign_host(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    """A loop that is not sigpoll's: its backends need attach() for race-free devices."""
+    lp = _new_host(request.param)
+    yield lp
+    lp.close()
+
+
+@pytest.fixture
+def pty_pair() -> Iterator[tuple[int, int]]:
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    yield master, slave
+    for fd in (master, slave):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _async_on(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ASYNC)
+
+
+# -- which watcher a loop has ---------------------------------------------------------------
+
+
+def test_each_loop_has_one_watcher(host: asyncio.AbstractEventLoop) -> None:
+    async def main() -> None:
+        if isinstance(host, Loop):
+            assert device_watcher() is host
+            with attach() as ap:  # a poller attached to sigpoll's loop does not replace it
+                assert device_watcher() is host
+            return
+        plain = device_watcher()
+        assert not isinstance(plain, (Loop, AttachedPoller))
+        assert "add_reader" in repr(plain)
+        with attach() as first:
+            with attach() as second:
+                assert device_watcher() is first and device_watcher(host) is first
+            assert second.closed
+        assert not isinstance(device_watcher(), AttachedPoller)
+        ap = attach()
+        assert device_watcher() is ap
+        ap.close()
+
+    host.run_until_complete(main())
+    with pytest.raises(RuntimeError):
+        device_watcher()  # no running loop
+
+
+def test_the_fallback_watches_through_add_reader(foreign_host: asyncio.AbstractEventLoop,
+                                                 pty_pair: tuple[int, int]) -> None:
+    master, slave = pty_pair
+    lp = foreign_host
+
+    async def main() -> None:
+        devices: DeviceWatcher = device_watcher()
+        got = lp.create_future()
+        devices.add_device_reader(master, lambda: got.done() or got.set_result(os.read(master, 10)))
+        assert not _async_on(master)  # no hints: the loop's own epoll alone
+        os.write(slave, b"hi")
+        assert await asyncio.wait_for(got, 5) == b"hi"
+        assert devices.remove_device_reader(master) is True
+        assert devices.remove_device_reader(master) is False
+        assert devices.remove_device_writer(master) is False
+
+    lp.run_until_complete(main())
+
+
+# -- backends take it -----------------------------------------------------------------------
+
+
+class _Collect(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.more = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.more.set()
+
+
+def test_a_console_on_an_attached_loop_uses_the_attached_poller(
+    foreign_host: asyncio.AbstractEventLoop, pty_pair: tuple[int, int]
+) -> None:
+    master, slave = pty_pair
+    lp = foreign_host
+
+    async def main() -> None:
+        with attach() as ap:
+            proto = _Collect()
+            transport, _ = await connect_console(lambda: proto, master, close_fds=False)
+            await asyncio.sleep(0)  # reading starts on the next iteration
+            assert _async_on(master)
+            os.write(slave, b"from the guest")
+            while len(proto.data) < 14:
+                await asyncio.wait_for(proto.more.wait(), 5)
+                proto.more.clear()
+            assert bytes(proto.data) == b"from the guest"
+            transport.write(b"x" * 200_000)  # more than a pty takes at once: the writer arms
+            got = 0
+            while got < 200_000:
+                got += len(await lp.run_in_executor(None, os.read, slave, 65536))
+            counters = ap.poller_counters()
+            assert counters.signals >= 1 and counters.wakeups >= 1, counters
+            transport.close()
+            await asyncio.sleep(0.01)
+            assert not _async_on(master)
+
+    lp.run_until_complete(main())
+
+
+def test_a_console_takes_an_explicit_watcher(pty_pair: tuple[int, int]) -> None:
+    master, slave = pty_pair
+    lp = asyncio.SelectorEventLoop()
+
+    async def main() -> None:
+        calls: list[str] = []
+        inner = device_watcher()  # the add_reader fallback
+
+        class Spy:
+            def add_device_reader(self, fd: Any, cb: Callable[..., object], *args: Any) -> None:
+                calls.append("add_reader")
+                inner.add_device_reader(fd, cb, *args)
+
+            def add_device_writer(self, fd: Any, cb: Callable[..., object], *args: Any) -> None:
+                calls.append("add_writer")
+                inner.add_device_writer(fd, cb, *args)
+
+            def remove_device_reader(self, fd: Any) -> bool:
+                calls.append("remove_reader")
+                return inner.remove_device_reader(fd)
+
+            def remove_device_writer(self, fd: Any) -> bool:
+                calls.append("remove_writer")
+                return inner.remove_device_writer(fd)
+
+        proto = _Collect()
+        transport, _ = await connect_console(lambda: proto, master, close_fds=False,
+                                             devices=Spy())
+        os.write(slave, b"a")
+        await asyncio.wait_for(proto.more.wait(), 5)
+        transport.close()
+        await asyncio.sleep(0.01)
+        assert calls[0] == "add_reader" and "remove_reader" in calls
+
+    try:
+        lp.run_until_complete(main())
+    finally:
+        lp.close()
+
+
+def test_virtio_kick_fds_go_to_the_attached_poller(
+    foreign_host: asyncio.AbstractEventLoop, tmp_path: Any
+) -> None:
+    from sigpoll.virtio import ConsoleDevice, VhostUserBackend
+    from sigpoll.virtio._frontend import Frontend
+    from sigpoll.virtio._testing import Collect, serving
+
+    lp = foreign_host
+    path = str(tmp_path / "vu.sock")
+
+    async def main() -> None:
+        with attach() as ap:
+            device = ConsoleDevice()
+            async with serving(VhostUserBackend(device), path):
+                proto = Collect()
+                device.ports[0].connect(lambda: proto)
+                registered: list[int] = []
+
+                def guest() -> None:
+                    fe = Frontend(path, reply_ack=True)
+                    fe.handshake()
+                    for i in (0, 1):
+                        fe.setup_ring(i, num=64)
+                        fe.set_kick(i)
+                        fe.enable(i)
+                    fe.add(1, out=b"ping")
+                    fe.kick(1)
+                    fe.wait_used(1, 1)
+                    registered.append(len(ap.poller))
+                    fe.close()
+
+                await lp.run_in_executor(None, guest)
+                while len(proto.data) < 4:
+                    await asyncio.sleep(0.01)
+                assert bytes(proto.data) == b"ping"
+                assert registered[0] >= 2  # both kick eventfds
+                assert ap.poller_counters().wakeups >= 1
+
+    lp.run_until_complete(asyncio.wait_for(main(), 30))
+
+
+# -- attach never shares the signal of a poller read on the same thread -------------------------
+
+
+def test_attach_on_a_sigpoll_loop_picks_a_signal_of_its_own(pty_pair: tuple[int, int]) -> None:
+    master, slave = pty_pair
+    lp = sigpoll.new_event_loop()
+
+    async def main() -> None:
+        with attach() as ap:
+            assert ap.poller_signal != lp.poller_signal
+            assert {ap.poller_signal, lp.poller_signal} <= signals_in_use()
+            got = lp.create_future()
+            ap.add_device_reader(master, lambda: got.done() or got.set_result(os.read(master, 10)))
+            os.write(slave, b"hint")
+            assert await asyncio.wait_for(got, 5) == b"hint"
+            # The hint reached the attached poller, not the loop's signalfd.
+            assert ap.poller_counters().signals >= 1
+            ap.remove_device_reader(master)
+            with attach() as third:
+                assert third.poller_signal not in (ap.poller_signal, lp.poller_signal)
+
+    try:
+        lp.run_until_complete(main())
+    finally:
+        lp.close()
+
+
+def test_attach_refuses_a_signal_already_read_on_the_loops_thread() -> None:
+    lp = sigpoll.new_event_loop()
+    other = asyncio.SelectorEventLoop()
+    try:
+        with pytest.raises(ValueError, match=f"signal {lp.poller_signal} already carries"):
+            attach(lp, signal=lp.poller_signal)
+        free = pick_signal()
+        with attach(other, signal=free):
+            with pytest.raises(ValueError, match="omit signal="):
+                AttachedPoller(other, signal=free)
+            # Another loop (another thread's, say) may use it: hints go to one thread.
+            with attach(lp, signal=free) as ap:
+                assert ap.poller_signal == free
+    finally:
+        other.close()
+        lp.close()
+
+
+def test_signals_in_use_are_released_on_close_and_collection() -> None:
+    free = pick_signal()
+    assert free not in signals_in_use()
+    p = sigpoll.Poller(signal=free)
+    assert free in signals_in_use() and pick_signal() != free
+    p.close()
+    assert free not in signals_in_use()
+    p = sigpoll.Poller(signal=free)
+    del p
+    gc.collect()
+    assert free not in signals_in_use()
+    # A signal with a handler is never picked.
+    old = signal.signal(free, lambda *_: None)
+    try:
+        assert pick_signal() != free
+    finally:
+        signal.signal(free, old)
