@@ -215,6 +215,7 @@ class Loop(asyncio.SelectorEventLoop):
         _signal_handlers: dict[int, Any]
 
         def _check_closed(self) -> None: ...
+        def _check_running(self) -> None: ...
         def _check_signal(self, sig: int) -> None: ...
         def _handle_signal(self, sig: int) -> None: ...
         def _ensure_fd_no_transport(self, fd: FileLike) -> None: ...
@@ -516,11 +517,13 @@ class Loop(asyncio.SelectorEventLoop):
             self._claim_wakeup_fd()
 
     def run_forever(self) -> None:
-        if self._closed or self.is_running():
-            # asyncio refuses it with its own RuntimeError; the wake-up fd (claimed by the
-            # run that is going on, if any) is none of this call's business.
-            super().run_forever()
-            return  # pragma: no cover (asyncio raised)
+        # asyncio's own refusals (closed; already running; another loop running in this
+        # thread) come first, before this call claims anything: the wake-up fd belongs to
+        # the run going on, if any.  They are made here rather than left to super(): from
+        # 3.13.0 a refused run_forever() also runs asyncio's cleanup, which unsets the
+        # running loop of the run going on (CPython gh-130145).
+        self._check_closed()
+        self._check_running()
         self._claim_wakeup_fd()
         try:
             super().run_forever()

@@ -678,6 +678,9 @@ def test_a_refused_nested_run_forever_keeps_the_outer_runs_wakeup_fd() -> None:
             lp.run_forever()
         except RuntimeError as exc:
             seen.append(exc)
+        # The refusal leaves the run going on alone (CPython 3.13.0's own run_forever
+        # unsets the running loop here: gh-130145).
+        assert asyncio.get_running_loop() is lp
         old = signal.set_wakeup_fd(-1)
         signal.set_wakeup_fd(old)
         seen.append(old)
