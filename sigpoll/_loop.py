@@ -38,7 +38,9 @@ from ._poller import WAKES_READER, WAKES_WRITER, Counters, FileLike, Poller
 from ._selector import PollerSelector
 from ._signals import threads_not_blocking
 
-__all__ = ["EventLoopPolicy", "Loop", "install", "new_event_loop", "run"]
+__all__ = ["Loop", "new_event_loop", "run"]
+if sys.version_info < (3, 16):
+    __all__ += ["EventLoopPolicy", "install"]  # deprecated: see the end of this module
 
 _T = TypeVar("_T")
 _Ts = TypeVarTuple("_Ts")
@@ -671,9 +673,27 @@ def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None,
         return runner.run(main)
 
 
+# -- the policy: deprecated, kept for code that still goes through asyncio's policies ----------
+#
+# Nothing in sigpoll itself uses a policy.  asyncio deprecates policies from 3.14 and
+# removes them in 3.16; like uvloop's, sigpoll's policy and install() warn from 3.12 (where
+# asyncio.run(loop_factory=...) is the replacement) and are not defined from 3.16 on.
+
+_POLICY_DEPRECATED = (
+    "asyncio event loop policies are deprecated (from Python 3.14, gone in 3.16); "
+    "use sigpoll.run() or asyncio.Runner(loop_factory=sigpoll.new_event_loop)"
+)
+
+
+def _warn_policy(what: str, stacklevel: int) -> None:
+    if sys.version_info >= (3, 12):
+        warnings.warn(f"{what} is deprecated: {_POLICY_DEPRECATED}", DeprecationWarning,
+                      stacklevel=stacklevel + 1)
+
+
 def _policy_base() -> Any:
-    # The Unix default policy minus its deprecation warning on 3.14+ (it is looked up by
-    # its private name there, and the public alias warns on access).
+    # The Unix default policy, looked up by its private name: from 3.14 the public alias
+    # warns on access.  Checked against 3.11, 3.12, 3.13 (_UnixDefaultEventLoopPolicy).
     from asyncio import unix_events
 
     for name in ("_UnixDefaultEventLoopPolicy", "_DefaultEventLoopPolicy"):
@@ -683,35 +703,37 @@ def _policy_base() -> Any:
     return _events.BaseDefaultEventLoopPolicy  # pragma: no cover
 
 
-class EventLoopPolicy(_policy_base()):  # type: ignore[misc]
-    """An asyncio event loop policy whose loops are sigpoll :class:`Loop` objects.
+if sys.version_info < (3, 16):
 
-    Policies are deprecated from Python 3.14 and go away in 3.16: prefer the factory,
-    :func:`new_event_loop` (``asyncio.Runner(loop_factory=...)``) or :func:`run`.  The
-    policy remains for code that calls ``asyncio.new_event_loop()`` or
-    ``asyncio.get_event_loop()`` on Python versions that still have policies.
-    """
+    class EventLoopPolicy(_policy_base()):  # type: ignore[misc]
+        """An asyncio event loop policy whose loops are sigpoll :class:`Loop` objects.
 
-    def _loop_factory(self) -> Loop:
-        return Loop()
+        Deprecated (DeprecationWarning from Python 3.12, like uvloop's): asyncio's policies
+        are deprecated from 3.14 and removed in 3.16.  Use :func:`run` or
+        ``asyncio.Runner(loop_factory=sigpoll.new_event_loop)``.  It remains for code that
+        calls ``asyncio.new_event_loop()`` or ``asyncio.get_event_loop()`` and expects a
+        sigpoll loop.
+        """
 
-    def __repr__(self) -> str:
-        return f"<sigpoll.EventLoopPolicy at {id(self):#x}>"
+        def __init__(self) -> None:
+            _warn_policy("sigpoll.EventLoopPolicy", stacklevel=2)
+            super().__init__()
 
+        def _loop_factory(self) -> Loop:
+            return Loop()
 
-def install() -> None:
-    """Make :class:`EventLoopPolicy` the current asyncio policy.
+        def __repr__(self) -> str:
+            return f"<sigpoll.EventLoopPolicy at {id(self):#x}>"
 
-    Deprecated along with policies from Python 3.14 (and warns there, as
-    ``asyncio.set_event_loop_policy`` does): use :func:`run` or
-    ``asyncio.Runner(loop_factory=sigpoll.new_event_loop)`` instead.
-    """
-    if sys.version_info >= (3, 14):
-        warnings.warn(
-            "sigpoll.install() relies on asyncio policies, deprecated since Python 3.14; "
-            "use sigpoll.run() or asyncio.Runner(loop_factory=sigpoll.new_event_loop)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-    asyncio.set_event_loop_policy(EventLoopPolicy())
+    def install() -> None:
+        """Make :class:`EventLoopPolicy` the current asyncio policy.
 
+        Deprecated along with policies (DeprecationWarning from Python 3.12, like
+        ``uvloop.install()``): use :func:`run` or
+        ``asyncio.Runner(loop_factory=sigpoll.new_event_loop)`` instead.
+        """
+        _warn_policy("sigpoll.install()", stacklevel=2)
+        with warnings.catch_warnings():
+            # One warning is enough: not the policy's, nor asyncio's own on 3.14+.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.set_event_loop_policy(EventLoopPolicy())

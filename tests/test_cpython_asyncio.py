@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import sys
 import unittest
+import warnings
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -138,7 +139,9 @@ class _CountingPolicy(EventLoopPolicy):
     """sigpoll's policy, counting the loops it hands out per module."""
 
     def __init__(self, module: str) -> None:
-        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # policies are (3.12+)
+            super().__init__()
         self._module = module
 
     def _loop_factory(self) -> Loop:  # type: ignore[override]

@@ -102,9 +102,21 @@ def test_runner_with_loop_factory() -> None:
         assert runner.run(main()) is Loop
 
 
+def _policy_warning() -> Any:
+    """What creating the policy or calling install() must warn (uvloop's rule: 3.12+)."""
+    if sys.version_info >= (3, 12):
+        return pytest.warns(DeprecationWarning, match="loop_factory=sigpoll.new_event_loop")
+    return warnings.catch_warnings(record=False)
+
+
 def test_policy_and_install() -> None:
     try:
-        install()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # on 3.11: no warning at all
+            with _policy_warning() as caught:
+                install()
+        if sys.version_info >= (3, 12):
+            assert len(caught) == 1  # one warning, not the policy's as well
         policy = asyncio.get_event_loop_policy()
         assert isinstance(policy, EventLoopPolicy)
         lp = asyncio.new_event_loop()
@@ -119,6 +131,35 @@ def test_policy_and_install() -> None:
         assert asyncio.run(main()) is Loop
     finally:
         asyncio.set_event_loop_policy(None)
+    with _policy_warning():
+        EventLoopPolicy()
+
+
+def test_the_library_never_uses_a_policy() -> None:
+    # Policies go away in 3.16: the loop factory, run() and attach() must not need them.
+    import subprocess
+
+    code = (
+        "import asyncio, warnings, sigpoll\n"
+        "warnings.simplefilter('error', DeprecationWarning)\n"
+        "real = asyncio.events.get_event_loop_policy\n"
+        "def no(*a, **k): raise AssertionError('a policy was used')\n"
+        "asyncio.events.get_event_loop_policy = asyncio.get_event_loop_policy = no\n"
+        "asyncio.events.set_event_loop_policy = asyncio.set_event_loop_policy = no\n"
+        "async def main():\n"
+        "    with sigpoll.attach() as ap:\n"
+        "        sigpoll.device_watcher()\n"
+        "    await asyncio.sleep(0)\n"
+        "    return 7\n"
+        "assert sigpoll.run(main()) == 7\n"
+        "with asyncio.Runner(loop_factory=sigpoll.new_event_loop) as r:\n"
+        "    assert r.run(main()) == 7\n"
+        "lp = sigpoll.new_event_loop(); lp.run_until_complete(main()); lp.close()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
 
 
 # -- every fd goes through the poller, ordinary ones without signals -------------------------------
