@@ -11,6 +11,11 @@ eventfd instead of a byte through the self-pipe.
 Ordinary fds are registered without O_ASYNC signals (they would cost a signal and a signalfd
 read per readiness change and buy nothing, since the loop always sleeps in epoll_wait).
 Device fds opt in with :meth:`Loop.add_device_reader` / :meth:`Loop.add_device_writer`.
+
+Private asyncio details: every override of a private asyncio method below says which
+CPython versions it was checked against; tests/test_asyncio_internals.py pins each one
+(a fingerprint of the asyncio code it mirrors, and the names and fields it uses), so a
+Python that changes one fails there by name.
 """
 
 from __future__ import annotations
@@ -79,6 +84,10 @@ _unix_logger: Any = getattr(_unix_events, "logger")
 class _SocketTransport(_SocketTransportBase):  # type: ignore[misc]
     """asyncio's selector socket transport, reading into the loop's shared buffer."""
 
+    # Replaces _SelectorSocketTransport._read_ready__data_received, reached through the
+    # base class's _read_ready_cb (plain protocols; buffered ones keep asyncio's reader).
+    # Checked against CPython 3.11.7, 3.12.1, 3.13.0 (the same code in all three).
+
     def _read_ready__data_received(self) -> None:
         if self._conn_lost:
             return
@@ -111,6 +120,8 @@ class _SocketTransport(_SocketTransportBase):  # type: ignore[misc]
 class _DatagramTransport(_DatagramTransportBase):  # type: ignore[misc]
     """asyncio's selector datagram transport, receiving into the loop's shared buffer."""
 
+    # Replaces _SelectorDatagramTransport._read_ready; checked against 3.11.7, 3.12.1, 3.13.0.
+
     def _read_ready(self) -> None:
         if self._conn_lost:
             return
@@ -136,6 +147,8 @@ class _DatagramTransport(_DatagramTransportBase):  # type: ignore[misc]
 
 class _ReadPipeTransport(_ReadPipeTransportBase):  # type: ignore[misc]
     """asyncio's read pipe transport (pipes, subprocess output), reading into a shared buffer."""
+
+    # Replaces _UnixReadPipeTransport._read_ready; checked against 3.11.7, 3.12.1, 3.13.0.
 
     def _read_ready(self) -> None:
         size = self.max_size
@@ -240,6 +253,9 @@ class Loop(asyncio.SelectorEventLoop):
         super().__init__(selector)
 
     # -- transports --------------------------------------------------------------------------
+    #
+    # The three factories asyncio's selector loop calls (private, same signatures in
+    # 3.11.7, 3.12.1, 3.13.0), returning the subclasses above.
 
     def _make_socket_transport(
         self,
@@ -283,7 +299,10 @@ class Loop(asyncio.SelectorEventLoop):
         Same order and semantics as asyncio.BaseEventLoop._run_once; the difference is
         that readiness comes straight from the poller as (fd, epoll bits) pairs and is
         turned into ready handles in one pass.  Debug mode uses asyncio's own step, so
-        slow-callback reporting is exactly asyncio's.
+        slow-callback reporting is exactly asyncio's.  Checked against CPython 3.11.7,
+        3.12.1 and 3.13.0 (3.13 only rewrote the timeout clamp, as done here), with the
+        Handle/TimerHandle fields it reads (_cancelled, _when, _scheduled, _context,
+        _callback, _args) and the loop's _ready, _scheduled, _timer_cancelled_count.
         """
         if self._debug:
             super()._run_once()  # type: ignore[misc]
@@ -377,7 +396,8 @@ class Loop(asyncio.SelectorEventLoop):
     # Every task step and future callback goes through call_soon, so asyncio's layers
     # (_check_closed, _call_soon, traceback trimming that only applies in debug mode) are
     # folded into one frame here.  Debug mode, a closed loop and bad arguments take
-    # asyncio's own path, so their checks and error messages are unchanged.
+    # asyncio's own path, so their checks and error messages are unchanged.  Checked
+    # against call_soon/_call_soon/call_at/call_later of CPython 3.11.7, 3.12.1, 3.13.0.
 
     def call_soon(
         self,
@@ -417,7 +437,10 @@ class Loop(asyncio.SelectorEventLoop):
         return self.call_at(self.time() + delay, callback, *args, context=context)
 
     def _callback_failed(self, handle: Any, exc: BaseException) -> None:
-        # The report asyncio.Handle._run makes, so exception handlers see the same context.
+        # The report asyncio.Handle._run makes, so exception handlers see the same context
+        # (checked against 3.11.7, 3.12.1, 3.13.0).  Only non-debug runs come here, where
+        # 3.13's _format_callback_source(debug=False), its default, leaves arguments out
+        # as Handle._run does.
         source = _format_helpers._format_callback_source(handle._callback, handle._args)
         context: dict[str, Any] = {
             "message": f"Exception in callback {source}",
@@ -429,6 +452,7 @@ class Loop(asyncio.SelectorEventLoop):
         self.call_exception_handler(context)
 
     def _write_to_self(self) -> None:
+        # Private hook of the selector loop (3.11.7, 3.12.1, 3.13.0), with no public one.
         # call_soon_threadsafe's wake-up: the poller's eventfd is drained inside the wait,
         # so no callback has to run to empty a self-pipe.  (Signals still come through
         # the self-pipe: signal.set_wakeup_fd needs a socket to write to.)
@@ -634,6 +658,9 @@ class Loop(asyncio.SelectorEventLoop):
 
     def _note_signal(self, signum: int, frame: object) -> None:
         self._signals_seen.add(signum)
+
+    # _process_self_data and _read_from_self: private steps of the selector loop's
+    # self-pipe reader (the same in 3.11.7, 3.12.1, 3.13.0).
 
     def _process_self_data(self, data: bytes) -> None:
         pass  # the bytes only woke the loop; _read_from_self dispatches from _signals_seen

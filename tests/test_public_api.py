@@ -119,3 +119,16 @@ def test_ninep_serve_runs_on_the_sigpoll_loop(tmp_path: pathlib.Path,
     finally:
         a.close()
     assert seen and all(t is sigpoll.Loop for t in seen), seen
+
+
+@pytest.mark.parametrize("command", ["console", "ninep", "virtio", "stress", "soak", "guest"])
+def test_every_command_helps_with_deprecations_as_errors(command: str) -> None:
+    # 3.14 readiness: nothing a command imports or sets up may raise a DeprecationWarning.
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-m", f"sigpoll.{command}", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+    assert not proc.stderr, proc.stderr
