@@ -40,6 +40,9 @@ ffibuilder.set_source(
     include_dirs=["csrc"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     libraries=["pthread"],
+    # The stable ABI: the module is _core.abi3.so and loads on every CPython 3.11+; the
+    # wheel is tagged abi3 to match (setup.py).
+    py_limited_api=True,
 )
 
 if __name__ == "__main__":
