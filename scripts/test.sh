@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command: installs what the tests need, then runs them.
+# The project's test command: installs what the tests need, then runs them on every
+# supported Python (scripts/pythons.sh: 3.11, 3.12, 3.13), one after another.
 #   system packages (Debian), each for the real peers the tests use:
 #     xxd               the reference for the stress tool's output check
 #     user-mode-linux   a real Linux kernel as the guest (tty, v9fs and virtio_console drivers)
@@ -8,10 +9,16 @@
 #     iproute2          `ip`, for the private network namespace a guest's 9P share rides on
 #     tmux              a terminal emulator that keeps a screen, so the commands' tests can see
 #                       where the cursor ended up (tests/test_cli_terminal.py)
-#   Python: the package itself plus the dev extras (pytest, pexpect, hypothesis, uvloop...)
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k poller`.
+#   Python: one venv per version (in $SIGPOLL_VENVS, default .venvs/) with the package
+#   installed editable plus the dev extras (pytest, pexpect, hypothesis, uvloop...).
+# Steps: the one-wheel check (scripts/wheel_smoke.sh: the abi3 wheel built once, installed and
+# smoke-tested on each version), then the full suite on each version, CPython's own
+# test_asyncio of that version included.  A supported Python that cannot be found is an
+# error, not a skip.  Extra arguments go to every pytest run, e.g. `bash scripts/test.sh -k
+# poller`; SIGPOLL_TEST_PYTHONS="3.12" limits the versions (for a local run, not for CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/pythons.sh
 
 need_apt=()
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
@@ -30,5 +37,43 @@ if ((${#need_apt[@]})); then
     fi
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[dev]'
-exec python3 -m pytest "$@"
+read -r -a versions <<<"${SIGPOLL_TEST_PYTHONS:-${SUPPORTED_PYTHONS[*]}}"
+venvs=${SIGPOLL_VENVS:-$PWD/.venvs}
+declare -A python_of
+for ver in "${versions[@]}"; do
+    python_of[$ver]=$(find_python "$ver")  # fails the run if missing
+done
+
+# Install every version first: the editable installs share the tree's one _core.abi3.so.
+for ver in "${versions[@]}"; do
+    if [ ! -x "$venvs/$ver/bin/python" ]; then
+        "${python_of[$ver]}" -m venv "$venvs/$ver"
+    fi
+    "$venvs/$ver/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]' \
+        2> >(grep -v "^WARNING: Location" >&2)
+done
+
+start=$SECONDS
+status=0
+summary=()
+if [ -z "${SIGPOLL_TEST_PYTHONS:-}" ]; then
+    step=$SECONDS
+    if bash scripts/wheel_smoke.sh; then
+        summary+=("wheel: one abi3 wheel on ${versions[*]}: ok ($((SECONDS - step)) s)")
+    else
+        summary+=("wheel: FAILED"); status=1
+    fi
+fi
+for ver in "${versions[@]}"; do
+    step=$SECONDS
+    echo "=== Python $ver: $("$venvs/$ver/bin/python" -c 'import sys; print(sys.version.split()[0])')"
+    log=$(mktemp)
+    if "$venvs/$ver/bin/python" -m pytest "$@" 2>&1 | tee "$log"; then rc=0; else rc=$?; fi
+    ((rc == 0)) || status=1
+    summary+=("Python $ver: $(grep -E '^=* ?[0-9]+ (passed|failed)|^[0-9]+ (passed|failed)|no tests ran' "$log" | tail -1 | tr -d '=' | sed 's/^ *//') ($((SECONDS - step)) s)")
+    rm -f "$log"
+done
+echo
+echo "=== summary ($((SECONDS - start)) s in all)"
+printf '  %s\n' "${summary[@]}"
+exit $status
