@@ -13,6 +13,7 @@ signal.pthread_sigmask(signal.SIG_BLOCK, {sigpoll.DEFAULT_SIGNAL, signal.SIGIO})
 
 import asyncio
 import os
+import tty
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -49,13 +50,62 @@ def run(loop_factory: LoopFactory) -> Callable[..., object]:
     return runner
 
 
+def _close_unless_closed(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the test closed it
+
+
 @pytest.fixture
 def pipe() -> Iterator[tuple[int, int]]:
     """(read end, write end) of a pipe, closed afterwards unless the test closed them."""
     r, w = os.pipe()
     yield r, w
-    for fd in (r, w):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    _close_unless_closed(r, w)
+
+
+@pytest.fixture
+def pty_pair() -> Iterator[tuple[int, int]]:
+    """(master, slave) of a raw pty; the master is the "device" a loop or poller watches."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    yield master, slave
+    _close_unless_closed(master, slave)
+
+
+def _host_loop_names() -> list[str]:
+    """The loops sigpoll.attach() is tried in (and sigpoll's own): uvloop where installed."""
+    names = ["asyncio", "sigpoll"]
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:  # pragma: no cover
+        return names
+    return names + ["uvloop"]
+
+
+def _new_host_loop(name: str) -> asyncio.AbstractEventLoop:
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    if name == "sigpoll":
+        return sigpoll.new_event_loop()
+    return asyncio.SelectorEventLoop()
+
+
+@pytest.fixture(params=_host_loop_names())
+def host_loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    """A fresh loop of each kind a backend or attach() may run on; closed afterwards."""
+    loop = _new_host_loop(request.param)
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(params=[n for n in _host_loop_names() if n != "sigpoll"])
+def foreign_loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    """A loop that is not sigpoll's: its backends need attach() for race-free devices."""
+    loop = _new_host_loop(request.param)
+    yield loop
+    loop.close()

@@ -13,8 +13,7 @@ import fcntl
 import gc
 import os
 import signal
-import tty
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,54 +28,6 @@ __all__: list[str] = []
 pytestmark = pytest.mark.timeout(60)
 
 
-def _hosts() -> list[str]:
-    names = ["asyncio", "sigpoll"]
-    try:
-        import uvloop  # noqa: F401
-
-        names.append("uvloop")
-    except ImportError:  # pragma: no cover
-        pass
-    return names
-
-
-def _new_host(name: str) -> asyncio.AbstractEventLoop:
-    if name == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop()
-    if name == "sigpoll":
-        return sigpoll.new_event_loop()
-    return asyncio.SelectorEventLoop()
-
-
-@pytest.fixture(params=_hosts())
-def host(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
-    lp = _new_host(request.param)
-    yield lp
-    lp.close()
-
-
-@pytest.fixture(params=[h for h in _hosts() if h != "sigpoll"])
-def foreign_host(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
-    """A loop that is not sigpoll's: its backends need attach() for race-free devices."""
-    lp = _new_host(request.param)
-    yield lp
-    lp.close()
-
-
-@pytest.fixture
-def pty_pair() -> Iterator[tuple[int, int]]:
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    yield master, slave
-    for fd in (master, slave):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 def _async_on(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ASYNC)
 
@@ -84,34 +35,34 @@ def _async_on(fd: int) -> bool:
 # -- which watcher a loop has ---------------------------------------------------------------
 
 
-def test_each_loop_has_one_watcher(host: asyncio.AbstractEventLoop) -> None:
+def test_each_loop_has_one_watcher(host_loop: asyncio.AbstractEventLoop) -> None:
     async def main() -> None:
-        if isinstance(host, Loop):
-            assert device_watcher() is host
-            with attach() as ap:  # a poller attached to sigpoll's loop does not replace it
-                assert device_watcher() is host
+        if isinstance(host_loop, Loop):
+            assert device_watcher() is host_loop
+            with attach():  # a poller attached to sigpoll's loop does not replace it
+                assert device_watcher() is host_loop
             return
         plain = device_watcher()
         assert not isinstance(plain, (Loop, AttachedPoller))
         assert "add_reader" in repr(plain)
         with attach() as first:
             with attach() as second:
-                assert device_watcher() is first and device_watcher(host) is first
+                assert device_watcher() is first and device_watcher(host_loop) is first
             assert second.closed
         assert not isinstance(device_watcher(), AttachedPoller)
         ap = attach()
         assert device_watcher() is ap
         ap.close()
 
-    host.run_until_complete(main())
+    host_loop.run_until_complete(main())
     with pytest.raises(RuntimeError):
         device_watcher()  # no running loop
 
 
-def test_the_fallback_watches_through_add_reader(foreign_host: asyncio.AbstractEventLoop,
+def test_the_fallback_watches_through_add_reader(foreign_loop: asyncio.AbstractEventLoop,
                                                  pty_pair: tuple[int, int]) -> None:
     master, slave = pty_pair
-    lp = foreign_host
+    lp = foreign_loop
 
     async def main() -> None:
         devices: DeviceWatcher = device_watcher()
@@ -141,10 +92,10 @@ class _Collect(asyncio.Protocol):
 
 
 def test_a_console_on_an_attached_loop_uses_the_attached_poller(
-    foreign_host: asyncio.AbstractEventLoop, pty_pair: tuple[int, int]
+    foreign_loop: asyncio.AbstractEventLoop, pty_pair: tuple[int, int]
 ) -> None:
     master, slave = pty_pair
-    lp = foreign_host
+    lp = foreign_loop
 
     async def main() -> None:
         with attach() as ap:
@@ -211,13 +162,13 @@ def test_a_console_takes_an_explicit_watcher(pty_pair: tuple[int, int]) -> None:
 
 
 def test_virtio_kick_fds_go_to_the_attached_poller(
-    foreign_host: asyncio.AbstractEventLoop, tmp_path: Any
+    foreign_loop: asyncio.AbstractEventLoop, tmp_path: Any
 ) -> None:
     from sigpoll.virtio import ConsoleDevice, VhostUserBackend
     from sigpoll.virtio._frontend import Frontend
     from sigpoll.virtio._testing import Collect, serving
 
-    lp = foreign_host
+    lp = foreign_loop
     path = str(tmp_path / "vu.sock")
 
     async def main() -> None:

@@ -37,19 +37,6 @@ def loop() -> Iterator[Loop]:
         lp.close()
 
 
-@pytest.fixture
-def pty_pair() -> Iterator[tuple[int, int]]:
-    """(master, slave) of a raw pty; the master is the "device" the loop watches."""
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    yield master, slave
-    for fd in (master, slave):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 def fl(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_GETFL)
 
@@ -480,32 +467,11 @@ def test_thread_mask_warning_deferred_to_first_device(pty_pair: tuple[int, int])
 # -- attach ----------------------------------------------------------------------------------------
 
 
-def _host_loops() -> list[str]:
-    names = ["asyncio", "sigpoll"]
-    try:
-        import uvloop  # noqa: F401
-
-        names.append("uvloop")
-    except ImportError:
-        pass
-    return names
-
-
-def _make_host(name: str) -> asyncio.AbstractEventLoop:
-    if name == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop()
-    if name == "sigpoll":
-        return new_event_loop()
-    return asyncio.SelectorEventLoop()
-
-
-@pytest.mark.parametrize("host", _host_loops())
-def test_attach_device_reader_and_writer(host: str, pty_pair: tuple[int, int]) -> None:
+def test_attach_device_reader_and_writer(host_loop: asyncio.AbstractEventLoop,
+                                         pty_pair: tuple[int, int]) -> None:
     master, slave = pty_pair
     before = fl(master)
-    lp = _make_host(host)
+    lp = host_loop
     # A signal of its own, so an attached poller on sigpoll's loop does not share hints.
     sig = sigpoll.DEFAULT_SIGNAL + 1
 
