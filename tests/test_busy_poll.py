@@ -124,8 +124,11 @@ async def _ceiling() -> float:
 
 
 _CTRL_C = textwrap.dedent("""
-    import asyncio, os, socket, sys, threading, time
+    import asyncio, faulthandler, os, signal, socket, sys, threading, time
     import sigpoll
+
+    # Where every thread is, on demand: the test asks for it if SIGINT is not acted on.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -159,7 +162,14 @@ def test_ctrl_c_while_polling_is_not_held_back() -> None:
         assert line[:1] == ["quiet"] and int(line[1]) > 0, line
         time.sleep(0.01)  # inside the polling window
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=10)
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR2)
+            time.sleep(1)
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"SIGINT not acted on within 10 s; the child's threads:\n{err}")
         assert "KeyboardInterrupt" in err
     finally:
         if proc.poll() is None:
