@@ -11,6 +11,13 @@ import sigpoll
 # the order of tests from mattering.
 signal.pthread_sigmask(signal.SIG_BLOCK, {sigpoll.DEFAULT_SIGNAL, signal.SIGIO})
 
+# A shell without job control (a CI script, `cmd &` in a script) starts its background jobs
+# with SIGINT ignored, and an ignored signal stays ignored across exec: every program a test
+# starts would then shrug off the Ctrl-C the test sends it (Python leaves SIGINT alone when
+# it starts ignored), and the Ctrl-C tests would hang.  Tests run as if from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import asyncio
 import os
 import tty
