@@ -46,6 +46,8 @@ HERE = Path(__file__).resolve().parent
 if (HERE.parent / "sigpoll" / "__init__.py").exists():
     sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+# The test peers (a vhost-user frontend, the virtio test backend runner) live with the tests.
+sys.path.insert(0, str(HERE.parent / "tests"))
 
 import sigpoll  # noqa: E402
 
@@ -142,7 +144,7 @@ async def _console_read(work: str, nbytes: int, _ops: int) -> tuple[float, float
 
 async def _virtio(work: str, nbytes: int, _ops: int) -> tuple[float, float]:
     from sigpoll.virtio import ConsoleDevice, VhostUserBackend
-    from sigpoll.virtio._testing import serving
+    from support.virtio import serving
 
     path = os.path.join(work, "vu.sock")
     device = ConsoleDevice()
@@ -174,7 +176,7 @@ async def _virtio(work: str, nbytes: int, _ops: int) -> tuple[float, float]:
 
 def _virtio_frontend(path: str, nbytes: int) -> None:
     """The guest side of the virtio bench (its own process): push bytes guest-to-host."""
-    from sigpoll.virtio._frontend import Frontend
+    from support.vhost_frontend import Frontend
 
     fe = Frontend(path, reply_ack=True, mem_size=16 << 20)
     fe.handshake()

@@ -41,9 +41,12 @@ import sys
 import tempfile
 import time
 
-from sigpoll.ninep import Client
-from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import DiodProcess, find_diod_tool, free_port, wait_listening
+# diod and the port helpers are the tests' own rigs: they live in tests/support.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+
+from sigpoll.ninep import Client  # noqa: E402
+from sigpoll.ninep import _codec as c  # noqa: E402
+from support.ninep import DiodProcess, find_diod_tool, free_port, wait_listening  # noqa: E402
 
 MSIZE = 65536
 

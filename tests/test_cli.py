@@ -359,7 +359,7 @@ def test_ninep_fd_that_cannot_carry_9p_is_one_line(stdin: str, says: str, tmp_pa
 def test_virtio_console_runs_as_a_service_with_stdin_and_stdout_not_terminals(stdin: str, tmp_path: Path) -> None:
     """How a service starts it: stdin /dev/null (or a file), stdout a file.  The guest's
     port 0 output lands in the file, a file's content reaches the guest, and SIGTERM ends it."""
-    from sigpoll.virtio._frontend import ConsoleDriver, Frontend
+    from support.vhost_frontend import ConsoleDriver, Frontend
 
     sock = tmp_path / "vu.sock"
     out_file = tmp_path / "out"

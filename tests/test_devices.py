@@ -165,8 +165,8 @@ def test_virtio_kick_fds_go_to_the_attached_poller(
     foreign_loop: asyncio.AbstractEventLoop, tmp_path: Any
 ) -> None:
     from sigpoll.virtio import ConsoleDevice, VhostUserBackend
-    from sigpoll.virtio._frontend import Frontend
-    from sigpoll.virtio._testing import Collect, serving
+    from support.vhost_frontend import Frontend
+    from support.virtio import Collect, serving
 
     lp = foreign_loop
     path = str(tmp_path / "vu.sock")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from sigpoll.ninep import Client, NinepError
-from sigpoll.ninep._testing import free_port
+from support.ninep import free_port
 
 CMD = [sys.executable, "-m", "sigpoll.ninep"]
 

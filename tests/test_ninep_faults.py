@@ -22,7 +22,7 @@ import pytest
 
 from sigpoll.ninep import Client, NinepError, NinepServer
 from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import HoldHook, RawClient, serve_tcp, until
+from support.ninep import HoldHook, RawClient, serve_tcp, until
 
 BIG = os.urandom(1 << 20)
 NOBODY = 65534

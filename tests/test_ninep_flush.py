@@ -16,7 +16,7 @@ import pytest
 
 from sigpoll.ninep import Client, NinepServer
 from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import HoldHook, HoldingServer, RawClient, until
+from support.ninep import HoldHook, HoldingServer, RawClient, until
 
 
 @pytest.fixture
@@ -379,7 +379,7 @@ def test_client_cancel_against_diod(run, export: Path) -> None:
     CancelledError, or the reply (returned to the cancelled caller) then Rflush."""
     import signal
 
-    from sigpoll.ninep._testing import DiodProcess, find_diod_tool
+    from support.ninep import DiodProcess, find_diod_tool
 
     if find_diod_tool("diod") is None:
         pytest.skip("diod is not installed (apt-get install diod)")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import free_port, wait_listening
+from support.ninep import free_port, wait_listening
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20

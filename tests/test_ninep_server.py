@@ -15,7 +15,7 @@ import pytest
 
 from sigpoll.ninep import Client, NinepError, NinepServer
 from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import DiodProcess, HoldHook, HoldingServer, RawClient, find_diod_tool
+from support.ninep import DiodProcess, HoldHook, HoldingServer, RawClient, find_diod_tool
 
 BIG = os.urandom(300_000)
 

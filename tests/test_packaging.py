@@ -41,6 +41,9 @@ def test_wheel_and_sdist_install_and_run_from_outside_the_tree(tmp_path: Path) -
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         assert any(n.endswith("licenses/LICENSE") for n in names)
+        # The test rigs (tests/support) stay out of the wheel: only the library ships.
+        assert not any(n.startswith("sigpoll/") and ("_testing" in n or "_frontend" in n or "/support" in n)
+                       for n in names), names
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
         metadata = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
     for command in COMMANDS:

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from sigpoll.virtio._frontend import ConsoleDriver, Frontend
+from support.vhost_frontend import ConsoleDriver, Frontend
+from support.virtio import recv_exactly
 
 
 def _wait_for(pred: Any, what: str, timeout: float = 30.0) -> None:
@@ -43,16 +44,6 @@ def _read_exactly(fd: int, n: int, timeout: float = 10.0) -> bytes:
     return got
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    got = bytearray()
-    while len(got) < n:
-        chunk = sock.recv(n - len(got))
-        if not chunk:
-            raise EOFError(f"{len(got)} of {n} bytes, then EOF")
-        got += chunk
-    return bytes(got)
-
-
 def _session(sock: str, data_sock: str, proc: subprocess.Popen[bytes], n: int) -> tuple[Frontend, ConsoleDriver, socket.socket]:
     """One frontend: port 0 both ways over stdio, then the data port both ways."""
     assert proc.stdin is not None and proc.stdout is not None
@@ -75,7 +66,7 @@ def _session(sock: str, data_sock: str, proc: subprocess.Popen[bytes], n: int) -
     drv.open(1)
     up = os.urandom(100_000)
     drv.write(1, up)
-    assert _recv_exactly(client, len(up)) == up
+    assert recv_exactly(client, len(up)) == up
     down = os.urandom(50_000)
     client.sendall(down)
     assert drv.read(1, len(down)) == down

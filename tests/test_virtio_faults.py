@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from sigpoll._testing import until
+from support import until
 
 from sigpoll import WriteBufferFullError
 from sigpoll.virtio import ConsoleDevice, VhostUserBackend, open_port
-from sigpoll.virtio._frontend import Frontend
-from sigpoll.virtio._testing import Collect, serving
+from support.vhost_frontend import Frontend
+from support.virtio import Collect, serving
 from sigpoll.virtio._vhost_user import Request, encode_message, encode_u64
 
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from sigpoll.virtio._frontend import ConsoleDriver, Frontend
-from sigpoll.virtio._testing import recv_exactly
+from support.vhost_frontend import ConsoleDriver, Frontend
+from support.virtio import recv_exactly
 from sigpoll.virtio._vhost_user import Request, encode_message
 
 MiB = 1 << 20

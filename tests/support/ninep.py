@@ -14,12 +14,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, cast
 
-from . import _codec as c
-from ._codec import Message
-from .._testing import until
-from ._handlers import Handler
-from ._server import NinepServer, _Connection
-from ._session import ABORTED, Reply, Request
+from sigpoll.ninep import _codec as c
+from sigpoll.ninep._codec import Message
+from . import until
+from sigpoll.ninep._handlers import Handler
+from sigpoll.ninep._server import NinepServer, _Connection
+from sigpoll.ninep._session import ABORTED, Reply, Request
 
 __all__ = ["HoldHook", "HoldingServer", "wait_listening", "RawClient", "DiodProcess", "free_port", "find_diod_tool", "serve_tcp", "until"]
 

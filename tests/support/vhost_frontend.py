@@ -19,7 +19,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ._vhost_user import (
+from sigpoll.virtio._vhost_user import (
     Feature,
     MemoryRegion,
     ProtocolFeature,
@@ -33,7 +33,7 @@ from ._vhost_user import (
     encode_vring_addr,
     encode_vring_state,
 )
-from ._virtqueue import _le16, u16_view
+from sigpoll.virtio._virtqueue import _le16, u16_view
 
 __all__ = ["ConsoleDriver", "DriverRing", "Frontend"]
 

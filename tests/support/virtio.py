@@ -12,7 +12,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from ._backend import VhostUserBackend
+from sigpoll.virtio._backend import VhostUserBackend
 
 __all__ = ["Collect", "recv_exactly", "serving"]
 

@@ -1,0 +1,28 @@
+"""The test suite's own rigs: peers and helpers that are not part of sigpoll.
+
+They live with the tests (the wheel ships none of them); tests import them as ``support``
+(pytest puts tests/ on sys.path) and the benches add tests/ to theirs:
+
+- ``support`` itself: :func:`until`, a wait for a state on the running loop;
+- ``support.ninep``: a raw 9P wire client, a server subclass that holds chosen requests
+  (the production server has no hook), diod as a real peer;
+- ``support.vhost_frontend``: a vhost-user frontend and virtio console driver in Python;
+- ``support.virtio``: a protocol that records what a port delivers, a backend runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+__all__ = ["until"]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` on the running loop until it holds; AssertionError after ``timeout``
+    (tests wait for a state, never for a fixed time)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
