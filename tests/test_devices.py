@@ -264,3 +264,39 @@ def test_signals_in_use_are_released_on_close_and_collection() -> None:
         assert pick_signal() != free
     finally:
         signal.signal(free, old)
+
+
+def test_a_backend_given_a_watcher_keeps_every_kick_fd_on_it(
+    foreign_loop: asyncio.AbstractEventLoop, tmp_path: Any
+) -> None:
+    # devices= wins over the default (the first attached poller), and the session adds
+    # and removes each kick fd on that one watcher.
+    from sigpoll.virtio import ConsoleDevice, VhostUserBackend
+    from support.vhost_frontend import Frontend
+    from support.virtio import serving
+
+    lp = foreign_loop
+    path = str(tmp_path / "vu.sock")
+
+    async def main() -> None:
+        with attach() as first, attach() as chosen:
+            async with serving(VhostUserBackend(ConsoleDevice(), devices=chosen), path) as backend:
+                seen: list[tuple[int, int]] = []
+
+                def guest() -> None:
+                    fe = Frontend(path, reply_ack=True)
+                    fe.handshake()
+                    for i in (0, 1):
+                        fe.setup_ring(i, num=64)
+                        fe.set_kick(i)
+                        fe.enable(i)
+                    seen.append((len(first.poller), len(chosen.poller)))
+                    fe.close()
+
+                await lp.run_in_executor(None, guest)
+                assert seen == [(0, 2)]  # both kick eventfds, on the chosen watcher only
+                while backend.connection is not None:
+                    await asyncio.sleep(0.01)
+                assert len(chosen.poller) == 0  # and taken off it again when the frontend left
+
+    lp.run_until_complete(asyncio.wait_for(main(), 30))

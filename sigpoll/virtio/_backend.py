@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .._devices import device_watcher
+from .._devices import DeviceWatcher, device_watcher
 from .._unixsock import listen_unix, peer_allowed
 from ._vhost_user import (
     MAX_CONFIG_SIZE,
@@ -76,16 +76,6 @@ class VirtioDevice(Protocol):
     def queue_ready(self, index: int) -> None: ...
     def queue_kicked(self, index: int) -> None: ...
     def reset(self) -> None: ...
-
-
-def _watch_reader(loop: asyncio.AbstractEventLoop, fd: int, cb: Any) -> None:
-    # A kick eventfd goes to the loop's device watcher: sigpoll's loop, the poller
-    # sigpoll.attach() put into another loop, or else that loop's add_reader.
-    device_watcher(loop).add_device_reader(fd, cb)
-
-
-def _unwatch_reader(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    device_watcher(loop).remove_device_reader(fd)
 
 
 def _close(fd: int | None) -> None:
@@ -180,6 +170,9 @@ class _Connection:
     def __init__(self, backend: VhostUserBackend, sock: socket.socket) -> None:
         self.backend = backend
         self.loop = backend.loop
+        # Kick eventfds are device fds: one watcher for the whole session, so an fd is
+        # always removed from the watcher it was added to.
+        self.devices = device_watcher(self.loop) if backend.devices is None else backend.devices
         self.device = backend.device
         self.sock = sock
         self.framer = MessageFramer()
@@ -419,7 +412,7 @@ class _Connection:
         r = self._ring_of(index, "SET_VRING_KICK")
         fd = self._take_fd(msg, has_fd)
         if r.watching:
-            _unwatch_reader(self.loop, r.kick_fd)  # type: ignore[arg-type]
+            self.devices.remove_device_reader(r.kick_fd)  # type: ignore[arg-type]
             r.watching = False
         _close(r.kick_fd)
         r.kick_fd = fd
@@ -496,7 +489,7 @@ class _Connection:
         ready = ready and r.queue.active
         if ready and not r.watching:
             if r.kick_fd is not None:
-                _watch_reader(self.loop, r.kick_fd, lambda i=index: self._on_kick(i))
+                self.devices.add_device_reader(r.kick_fd, lambda i=index: self._on_kick(i))
             r.watching = True
             # Buffers may be waiting from before the enable -- with or without a kick we
             # could see: look at the avail ring now instead of waiting for the next kick.
@@ -504,7 +497,7 @@ class _Connection:
         elif not ready and r.watching:
             if r.kick_fd is not None:
                 # The kick fd is left unread: a kick arriving now stays pending in it.
-                _unwatch_reader(self.loop, r.kick_fd)
+                self.devices.remove_device_reader(r.kick_fd)
             r.watching = False
         elif ready and reactivate:
             self.device.queue_ready(index)
@@ -531,7 +524,7 @@ class _Connection:
     def _reset_device(self) -> None:
         for i, r in enumerate(self.rings):
             if r.watching and r.kick_fd is not None:
-                _unwatch_reader(self.loop, r.kick_fd)
+                self.devices.remove_device_reader(r.kick_fd)
             for fd in (r.kick_fd, r.call_fd, r.err_fd):
                 _close(fd)
             q = r.queue
@@ -575,16 +568,20 @@ class VhostUserBackend:
     that is not a memfd sealed against shrinking; without it (the default, since UML's
     memory is a plain file) memory that shrinks under the backend drops the frontend.
     ``allow_uids`` are users besides this one and root whose frontends are served (the
-    guest runtime's jailed UML).
+    guest runtime's jailed UML).  ``devices`` watches the kick fds (default:
+    :func:`sigpoll.device_watcher` of the loop :meth:`serve` runs on, asked once per
+    frontend: sigpoll's loop, or the poller :func:`sigpoll.attach` put into another loop).
     """
 
     def __init__(self, device: VirtioDevice, *, reply_ack: bool = True, reply_timeout: float = 5.0,
-                 require_sealed_memory: bool = False, allow_uids: Collection[int] = ()) -> None:
+                 require_sealed_memory: bool = False, allow_uids: Collection[int] = (),
+                 devices: DeviceWatcher | None = None) -> None:
         self.device = device
         self.reply_ack = reply_ack
         self.reply_timeout = reply_timeout
         self.require_sealed_memory = require_sealed_memory
         self.allow_uids = frozenset(allow_uids)
+        self.devices = devices
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.connection: _Connection | None = None
         self.sessions = 0  #: frontends served so far (finished or current)
