@@ -33,7 +33,9 @@ def share_setup(modules_dir: str, mounts: Sequence[tuple[str, str, int]], msize:
     /mnt gets a tmpfs first: the host's root may be read-only.  A failed mount is reported
     on the console with a marker the host turns into an error.
     """
-    options = f"version=9p2000.L,msize={msize},access=any,cache=none"
+    # access=client: one attach per guest user, so the server knows who creates a file
+    # and the guest kernel checks permissions against the owners the server reports.
+    options = f"version=9p2000.L,msize={msize},access=client,cache=none"
     return share_mount_lines(modules_dir, [
         (tag, f"mount -t 9p -o trans=tcp,port={port},{options} {host} /mnt/{tag}") for tag, host, port in mounts
     ])
