@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import pwd
 import signal
 import sys
 from collections.abc import Callable
@@ -68,9 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--fd", type=_fds, metavar="R[,W]", help="serve one connection on fds")
     s.add_argument("--read-only", action="store_true", help="refuse every change (EROFS)")
     s.add_argument("--msize", type=_msize, default=DEFAULT_MSIZE, help="largest message")
+    s.add_argument("--security-model", choices=("mapped", "passthrough"), default="mapped",
+                   help="mapped (default): clients' owners, modes and device nodes are kept "
+                        "in an xattr of plain host files; passthrough: they are the host's "
+                        "(no devices, no set-id bits either way; see docs/ninep.md)")
     s.add_argument("--squash-uid", type=int, metavar="UID",
-                   help="new files belong to UID (and its --squash-gid); chown ignored")
+                   help="new files belong to UID on the host (and its --squash-gid); "
+                        "existing files are never re-owned")
     s.add_argument("--squash-gid", type=int, metavar="GID")
+    s.add_argument("--user", metavar="USER",
+                   help="once the export is open and the listener bound, run as USER "
+                        "(name or uid; needs root)")
     s.add_argument("--workers", type=_positive, default=8,
                    help="file system threads")
     d = Limits()
@@ -103,13 +112,42 @@ def _stopper(stop: asyncio.Future[None]) -> Callable[[], None]:
     return fire
 
 
-async def _serve(args: argparse.Namespace) -> None:
+def _user(args: argparse.Namespace) -> pwd.struct_passwd | None:
+    """The --user to drop to, checked against the other options (None: stay)."""
+    if args.user is None:
+        return None
+    try:
+        pw = pwd.getpwuid(int(args.user)) if args.user.isdigit() else pwd.getpwnam(args.user)
+    except KeyError:
+        raise _UsageError(f"--user: no such user: {args.user}") from None
+    if os.geteuid() != 0:
+        raise _UsageError("--user needs root (the server is already running as a user)")
+    squash_gid = args.squash_gid if args.squash_gid is not None else args.squash_uid
+    if (args.squash_uid not in (None, pw.pw_uid)) or (squash_gid not in (None, pw.pw_gid)):
+        raise _UsageError(f"--squash-uid/--squash-gid: a server running as {pw.pw_name} "
+                          "can only give new files to itself")
+    return pw
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _drop_to(pw: pwd.struct_passwd) -> None:
+    # glibc applies each of these to every thread of the process.
+    os.initgroups(pw.pw_name, pw.pw_gid)
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+
+
+async def _serve(args: argparse.Namespace, user: pwd.struct_passwd | None = None) -> None:
     limits = Limits(max_fids=args.max_fids, max_inflight=args.max_inflight,
                     max_connections=args.max_connections,
                     max_queued_output=args.max_queued_output)
     server = NinepServer(args.dir, read_only=args.read_only, msize=args.msize,
                          squash_uid=args.squash_uid, squash_gid=args.squash_gid,
-                         workers=args.workers, limits=limits, inline=args.inline)
+                         workers=args.workers, limits=limits, inline=args.inline,
+                         security_model=args.security_model)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -118,14 +156,20 @@ async def _serve(args: argparse.Namespace) -> None:
     try:
         if args.listen:
             srv = await server.start_tcp(*args.listen)
+            if user is not None:
+                _drop_to(user)
             host, port = srv.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
             log.info("ninep: serving %s on %s:%d", args.dir, host, port)
             await stop
         elif args.unix:
             await server.start_unix(args.unix)
+            if user is not None:
+                _drop_to(user)
             log.info("ninep: serving %s on %s", args.dir, args.unix)
             await stop
         else:
+            if user is not None:
+                _drop_to(user)
             job = asyncio.ensure_future(server.serve_fds(*args.fd))
             await asyncio.wait([job, stop], return_when=asyncio.FIRST_COMPLETED)
             job.cancel()
@@ -143,10 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(args.dir):
         sys.stderr.write(f"python -m sigpoll.ninep: error: not a directory: {args.dir}\n")
         return 2
+    try:
+        user = _user(args)
+    except _UsageError as exc:
+        sys.stderr.write(f"python -m sigpoll.ninep: error: {exc}\n")
+        return 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:
-        run(_serve(args), busy_poll_us=args.busy_poll_us)
+        run(_serve(args, user), busy_poll_us=args.busy_poll_us)
     except OSError as exc:
         sys.stderr.write(f"python -m sigpoll.ninep: error: {exc}\n")
         return 1

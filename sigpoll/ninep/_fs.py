@@ -307,7 +307,7 @@ class Export:
         if (u, g) != (-1, -1):
             _lchown_fd(fd, u, g)
         if self.mapped:
-            os.chmod(path, host_mode(stat.S_IFMT(st.st_mode), mode))
+            os.chmod(path, host_mode(kind, mode))
             if gid == _NOID:
                 gid = st.st_gid
             os.setxattr(path, ATTR_XATTR, encode_attr(Attr(uid, gid, kind | (mode & 0o7777), rdev)))
