@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 from .._cli import add_busy_poll_option
 from .._loop import run
+from ._runas import drop_to as _drop_to
+from ._runas import resolve_user
 from ._server import DEFAULT_MSIZE, MIN_MSIZE, Limits, NinepServer
 
 __all__ = ["main"]
@@ -112,34 +114,6 @@ def _stopper(stop: asyncio.Future[None]) -> Callable[[], None]:
     return fire
 
 
-def _user(args: argparse.Namespace) -> pwd.struct_passwd | None:
-    """The --user to drop to, checked against the other options (None: stay)."""
-    if args.user is None:
-        return None
-    try:
-        pw = pwd.getpwuid(int(args.user)) if args.user.isdigit() else pwd.getpwnam(args.user)
-    except KeyError:
-        raise _UsageError(f"--user: no such user: {args.user}") from None
-    if os.geteuid() != 0:
-        raise _UsageError("--user needs root (the server is already running as a user)")
-    squash_gid = args.squash_gid if args.squash_gid is not None else args.squash_uid
-    if (args.squash_uid not in (None, pw.pw_uid)) or (squash_gid not in (None, pw.pw_gid)):
-        raise _UsageError(f"--squash-uid/--squash-gid: a server running as {pw.pw_name} "
-                          "can only give new files to itself")
-    return pw
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _drop_to(pw: pwd.struct_passwd) -> None:
-    # glibc applies each of these to every thread of the process.
-    os.initgroups(pw.pw_name, pw.pw_gid)
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
-
-
 async def _serve(args: argparse.Namespace, user: pwd.struct_passwd | None = None) -> None:
     limits = Limits(max_fids=args.max_fids, max_inflight=args.max_inflight,
                     max_connections=args.max_connections,
@@ -188,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"python -m sigpoll.ninep: error: not a directory: {args.dir}\n")
         return 2
     try:
-        user = _user(args)
-    except _UsageError as exc:
+        user = None if args.user is None else resolve_user(args.user, args.squash_uid,
+                                                            args.squash_gid)
+    except ValueError as exc:
         sys.stderr.write(f"python -m sigpoll.ninep: error: {exc}\n")
         return 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
