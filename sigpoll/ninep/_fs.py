@@ -28,7 +28,9 @@ import fcntl
 import os
 import stat
 import struct
+import time
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from ._codec import QTDIR, QTFILE, QTSYMLINK, Dirent, Qid
 from ._model import (ATTR_XATTR, MAPPED, MODELS, Attr, decode_attr, encode_attr, host_mode,
@@ -54,6 +56,9 @@ _DOTL_ACCMODE = 3
 _PROC_FD = "/proc/self/fd/"
 _PATH_MAX = 4096  # Linux's, with the NUL: a symlink target is at most 4095 bytes
 _NOID = 0xFFFFFFFF  # "no uid/gid" on the wire (-1)
+_CLOCK_REALTIME_COARSE = 5  # Linux's; what file timestamps are taken from
+_RECORD_SETTLE_NS = 2_000_000_000  # past a whole-second file system's tick, with margin
+_RECORDS_MAX = 65536  # records remembered (about 10 MB at most)
 
 # Tsetattr's valid bits (Linux's ATTR_* as 9P2000.L carries them).
 _SETATTR_MODE = 0x001
@@ -153,6 +158,9 @@ class Export:
         self.squash_uid = squash_uid
         self.squash_gid = squash_gid if squash_gid is not None else squash_uid
         self._am_root = os.geteuid() == 0
+        # (dev, ino) -> (ctime_ns, record): getxattr through /proc costs several times a
+        # fstat, and Tgetattr and every walk step stat a file (see _attr).
+        self._records: dict[tuple[int, int], tuple[int, Attr | None]] = {}
         if not self._am_root and (
                 (self.squash_uid is not None and self.squash_uid != os.geteuid())
                 or (self.squash_gid is not None and self.squash_gid != os.getegid())):
@@ -236,13 +244,28 @@ class Export:
         """
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             return None
+        key = (st.st_dev, st.st_ino)
+        known = self._records.get(key)
+        if known is not None and known[0] == st.st_ctime_ns:
+            return known[1]
         try:
             raw = os.getxattr(path, ATTR_XATTR, follow_symlinks=not entry)
         except OSError as exc:
-            if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP, errno.EACCES):
-                return None
-            raise
-        return decode_attr(raw)
+            if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP, errno.EACCES):
+                raise
+            a = None
+        else:
+            a = decode_attr(raw)
+        # Any change to the record changes the file's ctime, so (ctime, record) stays true
+        # while the ctime does, with one catch: a change in the same clock tick as the
+        # ctime we saw may keep it (coarse timestamps, or a file system that keeps whole
+        # seconds).  So only a ctime older than _RECORD_SETTLE_NS is trusted: any change
+        # after it must show as a new ctime.
+        if time.clock_gettime_ns(_CLOCK_REALTIME_COARSE) - st.st_ctime_ns > _RECORD_SETTLE_NS:
+            if len(self._records) >= _RECORDS_MAX:
+                self._records.pop(next(iter(self._records)), None)
+            self._records[key] = (st.st_ctime_ns, a)
+        return a
 
     def _view(self, st: os.stat_result, path: str) -> Attr:
         """The client's view of a file: its record, or its host attributes."""
@@ -564,6 +587,24 @@ class Export:
                 raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
             os.chmod(_PROC_FD + str(fd), passthrough_chmod(mode, st.st_mode))
 
+    def drop_setid(self, h: Handle) -> None:
+        """What a write by a user without CAP_FSETID does on Linux: clear S_ISUID, and
+        S_ISGID if the file is group-executable (otherwise S_ISGID means mandatory
+        locking and stays).  The server calls it before the first write through a fid
+        attached by a uid other than 0; the guest kernel leaves it to the server."""
+        path = _PROC_FD + str(h.fd)
+        st = os.fstat(h.fd)
+        view = self._view(st, path)
+        if stat.S_IFMT(view.mode) != stat.S_IFREG:
+            return
+        bits = stat.S_ISUID | (stat.S_ISGID if view.mode & stat.S_IXGRP else 0)
+        if not view.mode & bits or self.read_only:
+            return
+        if self.mapped and stat.S_ISREG(st.st_mode):
+            self._set_record(h.fd, st, view, _SETATTR_MODE, view.mode & ~bits, 0, 0)
+        else:
+            os.chmod(path, stat.S_IMODE(st.st_mode) & ~bits)
+
     def statfs(self, h: Handle) -> os.statvfs_result:
         return os.fstatvfs(h.fd)
 
@@ -713,18 +754,14 @@ def _flock(kind: int, start: int, length: int) -> bytes:
     return _FLOCK.pack(kind, os.SEEK_SET, start, length, 0)
 
 
-# os.stat_result's fields past the ten it shares with a tuple (times in ns, rdev...).
-_STAT_EXTRA = tuple(n for n in dir(os.stat_result) if n.startswith("st_") and n not in (
-    "st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size"))
-
-
 def _restat(st: os.stat_result, a: Attr) -> os.stat_result:
     """``st`` with the owner, mode and device number the client sees."""
-    seq = list(st)
-    seq[0], seq[4], seq[5] = a.mode, a.uid, a.gid
-    extra = {n: getattr(st, n) for n in _STAT_EXTRA}
+    # A stat_result pickles as (its ten tuple fields, a dict of the rest): the cheapest
+    # way to copy one with a few fields changed.
+    reduced = cast("tuple[Any, tuple[tuple[int, ...], dict[str, Any]]]", st.__reduce__())
+    seq, extra = reduced[1]
     extra["st_rdev"] = a.rdev
-    return os.stat_result(seq, extra)
+    return os.stat_result((a.mode, seq[1], seq[2], seq[3], a.uid, a.gid) + seq[6:], extra)
 
 
 class _Timespec(ctypes.Structure):
