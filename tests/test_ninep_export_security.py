@@ -131,6 +131,13 @@ async def lcreate(cl: Client, name: str, flags: int, mode: int) -> int:
     return fid
 
 
+async def make_file(cl: Client, name: str, mode: int, flags: int = RDWR | CREAT | EXCL) -> None:
+    """Tlcreate ``name`` in the root (it must succeed) and clunk it."""
+    fid = await lcreate(cl, name, flags, mode)
+    assert fid > 0, (name, fid)
+    await cl.clunk(fid)
+
+
 async def xattr_set(cl: Client, path: str, name: str, value: bytes) -> int:
     """Txattrcreate + Twrite + Tclunk; the first errno any of them answered, or 0."""
     fid = await cl.walk(path)
@@ -232,9 +239,7 @@ def test_no_device_node_reaches_the_host_or_opens(export: Path, model: str) -> N
 def test_no_setid_bit_reaches_the_host(export: Path, model: str) -> None:
     async def body() -> None:
         cl = await attach(port)
-        fid = await lcreate(cl, "suid", RDWR | CREAT | EXCL, 0o4755)
-        assert fid > 0, fid
-        await cl.clunk(fid)
+        await make_file(cl, "suid", 0o4755)
         root = await cl.walk("")
         try:
             await cl.rpc(c.Tmkdir(root, "sgid", 0o2775, 0))
@@ -369,12 +374,8 @@ def test_squash_never_reowns_an_existing_file(export: Path, model: str) -> None:
 
     async def body() -> None:
         cl = await attach(port, uid=0)
-        fid = await lcreate(cl, "secret", RDWR | CREAT, 0o666)  # no O_EXCL: opens it
-        assert fid > 0, fid
-        await cl.clunk(fid)
-        fid = await lcreate(cl, "fresh", RDWR | CREAT | EXCL, 0o640)
-        assert fid > 0, fid
-        await cl.clunk(fid)
+        await make_file(cl, "secret", 0o666, RDWR | CREAT)  # no O_EXCL: opens it
+        await make_file(cl, "fresh", 0o640)
         root = await cl.walk("")
         await cl.rpc(c.Tmkdir(root, "freshdir", 0o750, 0))
         await cl.clunk(root)
@@ -403,8 +404,7 @@ def test_modes_are_exact_whatever_the_servers_umask(export: Path, model: str) ->
     """The server runs with umask 077: what the client asked for must still come out."""
     async def body() -> None:
         cl = await attach(port)
-        fid = await lcreate(cl, "f666", RDWR | CREAT | EXCL, 0o666)
-        await cl.clunk(fid)
+        await make_file(cl, "f666", 0o666)
         root = await cl.walk("")
         await cl.rpc(c.Tmkdir(root, "d777", 0o777, 0))
         await cl.rpc(c.Tmkdir(root, "d1777", 0o1777, 0))
@@ -473,9 +473,7 @@ def test_setattr_applies_every_field_it_names(export: Path, model: str) -> None:
 def test_names_and_symlink_targets_at_the_limits(export: Path, model: str) -> None:
     async def body() -> None:
         cl = await attach(port)
-        fid = await lcreate(cl, "n" * 255, RDWR | CREAT | EXCL, 0o644)
-        assert fid > 0
-        await cl.clunk(fid)
+        await make_file(cl, "n" * 255, 0o644)
         assert await lcreate(cl, "n" * 256, RDWR | CREAT | EXCL, 0o644) == -errno.ENAMETOOLONG
         target = "t/" * 2047 + "t"
         root = await cl.walk("")
@@ -504,9 +502,7 @@ def test_user_read_only_and_squash_combine(export: Path) -> None:
 
     async def as_nobody() -> None:
         cl = await attach(port)
-        fid = await lcreate(cl, "made", RDWR | CREAT | EXCL, 0o4755)
-        assert fid > 0, fid
-        await cl.clunk(fid)
+        await make_file(cl, "made", 0o4755)
         root = await cl.walk("")
         await cl.rpc(c.Tmknod(root, "dev", stat.S_IFCHR | 0o600, 1, 11, 0))
         await cl.clunk(root)
@@ -564,3 +560,40 @@ def _server_uid(port: int) -> int:
         except OSError:
             continue
     raise AssertionError("no process holds the listening socket")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_write_by_another_user_clears_the_setid_bits(export: Path, model: str) -> None:
+    """Linux clears S_ISUID (and S_ISGID of a group-executable file) when someone without
+    CAP_FSETID writes; v9fs leaves that to the server (pjdfstest chmod/12.t)."""
+    host = export / "hostsuid"
+    host.write_bytes(b"x")
+    os.chown(host, 1000, 1000)
+    os.chmod(host, 0o6755)
+
+    async def write(cl: Client, name: str) -> None:
+        fid = await cl.walk(name)
+        try:
+            await cl.rpc(c.Tlopen(fid, WRONLY))
+            await cl.rpc(c.Twrite(fid, 0, b"y"))
+        finally:
+            await cl.clunk(fid)
+
+    async def body() -> None:
+        root = await attach(port, uid=0)
+        if model == "mapped":
+            await make_file(root, "made", 0o6755)
+            await write(root, "made")  # root keeps the bits
+            assert stat.S_IMODE((await getattr_(root, "made")).mode) == 0o6755
+        user = await attach(port, uid=1000)
+        await write(user, "hostsuid")
+        assert stat.S_IMODE((await getattr_(user, "hostsuid")).mode) == 0o755
+        if model == "mapped":
+            await write(user, "made")
+            assert stat.S_IMODE((await getattr_(user, "made")).mode) == 0o755
+        await user.close()
+        await root.close()
+
+    with served(export, *model_args(model)) as port:
+        go(body)
+    assert host_setid(host) == 0

@@ -87,6 +87,9 @@ class FileFid:
     regular: bool = False
     #: The file system answers RWF_NOWAIT reads (tried until it says EOPNOTSUPP).
     nowait: bool = True
+    #: Set-id bits still to be cleared before this fid's first write (its uid is not
+    #: root's, so it writes as Linux's callers without CAP_FSETID do: Export.drop_setid).
+    drop_setid: bool = False
 
     def close(self) -> None:
         if self.open_fd is not None:
@@ -320,6 +323,7 @@ def _opened(ctx: Serving, f: FileFid, fd: int, st: os.stat_result) -> Reply:
         raise OSError(errno.EBADF, "fid went away meanwhile")
     f.open_fd = fd
     f.regular = stat.S_ISREG(st.st_mode)
+    f.drop_setid = f.regular and f.uid != 0
     return c.Rlopen(ctx.fs.qid(st), _iounit(ctx))
 
 
@@ -388,6 +392,7 @@ async def _lcreate(ctx: Serving, m: c.Tlcreate, fids: Fids) -> Reply:
         f.handle = h
         f.open_fd = fd
         f.regular = stat.S_ISREG(st.st_mode)
+        f.drop_setid = f.regular and f.uid != 0
         if old is not None:
             old.close()
         return c.Rlcreate(fs.qid(st), _iounit(ctx))
@@ -679,6 +684,9 @@ async def _write(ctx: Serving, m: c.Twrite, fids: Fids) -> Reply:
                 buf.extend(bytes(end - len(buf)))
             buf[m.offset:end] = m.data
             return c.Rwrite(len(m.data))
+        if f.drop_setid and f.uid != 0:
+            await ctx.call(ctx.fs.drop_setid, f.the_handle())
+            f.drop_setid = False
         n = await ctx.call(_pwrite, _open_of(f), m.data, _offset(m.offset), f.regular)
         return c.Rwrite(n)
 
@@ -688,7 +696,7 @@ def _write_fast(ctx: Serving, m: c.Twrite, fids: Fids) -> Reply | None:
     f = fids.get(m.fid)
     if (f is None or f.clunked or f.open_fd is None or not f.regular
             or f.xattr_new is not None or len(m.data) > INLINE_WRITE_MAX
-            or m.offset > MAX_OFFSET):
+            or m.offset > MAX_OFFSET or (f.drop_setid and f.uid != 0)):
         return None
     n = retry_eintr(os.pwrite, f.open_fd, m.data, m.offset)
     return _RWRITE.pack(_RWRITE.size, c.Rwrite.TYPE, m.tag, n)
@@ -768,6 +776,8 @@ async def _xattrcreate(ctx: Serving, m: c.Txattrcreate, fids: Fids) -> Reply:
             raise OSError(errno.EROFS, "read-only export")
         if m.attr_size > XATTR_SIZE_MAX:
             raise OSError(errno.E2BIG, "xattr value too large")
+        name = _no_nul(m.name, "xattr name")
+        ctx.fs.check_xattr_name(name)  # a name the security model refuses fails here
         # The value arrives in Twrites on this fid and is applied when it is clunked.
-        f.xattr_new = (_no_nul(m.name, "xattr name"), m.attr_size, m.flags, bytearray())
+        f.xattr_new = (name, m.attr_size, m.flags, bytearray())
         return c.Rxattrcreate()
