@@ -263,7 +263,9 @@ class Export:
         # after it must show as a new ctime.
         if time.clock_gettime_ns(_CLOCK_REALTIME_COARSE) - st.st_ctime_ns > _RECORD_SETTLE_NS:
             if len(self._records) >= _RECORDS_MAX:
-                self._records.pop(next(iter(self._records)), None)
+                # Start over rather than evict one by one: clear() is one atomic step
+                # for the worker threads that share the table, iterating is not.
+                self._records.clear()
             self._records[key] = (st.st_ctime_ns, a)
         return a
 
@@ -412,6 +414,8 @@ class Export:
                 except FileNotFoundError:
                     continue  # removed between the two calls: create it after all
                 try:
+                    if stat.S_ISDIR(os.fstat(h.fd).st_mode):
+                        raise OSError(errno.EISDIR, "is a directory")  # as open(O_CREAT)
                     return h, self.open(h, dotl_flags)
                 except BaseException:
                     h.close()
