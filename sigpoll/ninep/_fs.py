@@ -58,7 +58,7 @@ _PATH_MAX = 4096  # Linux's, with the NUL: a symlink target is at most 4095 byte
 _NOID = 0xFFFFFFFF  # "no uid/gid" on the wire (-1)
 _CLOCK_REALTIME_COARSE = 5  # Linux's; what file timestamps are taken from
 _RECORD_SETTLE_NS = 2_000_000_000  # past a whole-second file system's tick, with margin
-_RECORDS_MAX = 65536  # records remembered (about 10 MB at most)
+_RECORDS_MAX = 16384  # records remembered (about 5 MiB at most)
 
 # Tsetattr's valid bits (Linux's ATTR_* as 9P2000.L carries them).
 _SETATTR_MODE = 0x001

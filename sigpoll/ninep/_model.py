@@ -54,7 +54,7 @@ _KINDS = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat
 _SETID = stat.S_ISUID | stat.S_ISGID
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Attr:
     """A file as the mapped model's client sees it."""
 
