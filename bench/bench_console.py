@@ -176,11 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("uvloop not installed: skipped", file=sys.stderr)
 
+        from sigpoll._cli import Progress
+
         best: dict[str, float] = {}
-        for _ in range(args.rounds):  # interleaved, so drift in machine load hits all alike
-            for name, fn in contenders.items():
-                t = fn()
-                best[name] = min(best.get(name, t), t)
+        with Progress() as progress:  # a live line on a terminal, nothing otherwise
+            for rnd in range(args.rounds):  # interleaved, so drift in machine load hits all alike
+                for name, fn in contenders.items():
+                    progress.update(f"round {rnd + 1}/{args.rounds}: {name}", force=True)
+                    t = fn()
+                    best[name] = min(best.get(name, t), t)
 
     mbps = {name: nbytes / t / 1e6 for name, t in best.items()}
     result = {

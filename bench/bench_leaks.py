@@ -135,13 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
+    from sigpoll._cli import Progress
+
     results: dict[str, dict[str, object]] = {}
+    progress = Progress()  # a live line on a terminal, nothing otherwise
     for name, factory in _loops().items():
         row: dict[str, object] = {}
         for what, work in (
             ("callbacks", lambda: _callbacks(args.callbacks)),
             ("connections", lambda: _connections(args.connections)),
         ):
+            progress.update(f"{name}: {what}", force=True)
             loop = factory()
             try:
                 (fd0, rss0), (fd1, rss1) = loop.run_until_complete(work())
@@ -153,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 "flat": fd1 <= fd0 and rss1 - rss0 < 5 * 1024,
             }
         results[name] = row
+    progress.close()
     if args.json:
         print(json.dumps(results))
         return 0

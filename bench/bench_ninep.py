@@ -35,7 +35,6 @@ import ctypes
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ import time
 
 from sigpoll.ninep import Client
 from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import DiodProcess, find_diod_tool, free_port
+from sigpoll.ninep._testing import DiodProcess, find_diod_tool, free_port, wait_listening
 
 MSIZE = 65536
 
@@ -73,15 +72,8 @@ class OurServer:
             [sys.executable, "-m", "sigpoll.ninep", "serve", export, "-q",
              "--listen", f"127.0.0.1:{self.port}", "--busy-poll-us", str(busy_poll_us)],
             env=env, cwd=tree)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("our server did not start") from None
-                time.sleep(0.05)
+        if not wait_listening(self.port, self.proc):
+            raise RuntimeError("our server did not start")
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -36,7 +36,7 @@ ffibuilder.set_source(
     "sigpoll._core",
     '#include "sigpoll.h"',
     # Relative paths: setuptools refuses absolute ones, and builds run from the project root.
-    sources=["csrc/poller.c"],
+    sources=["csrc/poller.c", "csrc/guestmem.c"],
     include_dirs=["csrc"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     libraries=["pthread"],

@@ -1,7 +1,7 @@
 /*
  * sigpoll core poller.  The contract is in sigpoll.h; the reasoning in docs/design.md.
  *
- * Shape of one wait (sigpoll mode):
+ * Shape of one wait:
  *   1. epoll_wait on the set {device fds, signalfd, eventfd}; EINTR is restarted with the
  *      remaining timeout, so callers never see it.
  *   2. Device fds epoll reported go straight to the caller's buffer.
@@ -27,6 +27,7 @@
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -56,7 +57,6 @@ typedef struct reg {
 
 struct sp_poller {
     pthread_mutex_t lock;
-    int mode;
     int signo;
     int epfd, sigfd, evfd;
     int closed;
@@ -82,6 +82,9 @@ struct sp_poller {
     int64_t poll_max_ns; /* busy-poll ceiling (0: off) */
     int64_t poll_ns;     /* current busy-poll budget, adapted after each wait */
 
+    int wakers;          /* sp_poller_wake() calls in flight (they take no lock) */
+    sp_poller *prev, *next; /* every poller of the process, for the fork hooks */
+
     sp_counters c;
 };
 
@@ -90,16 +93,44 @@ struct sp_poller {
 static uint64_t fork_generation;
 static __thread pid_t cached_tid;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static sp_poller *registry; /* every live poller, linked through prev/next */
+
+/*
+ * fork() copies a poller's lock in whatever state another thread left it.  So the fork
+ * takes every poller's lock first (no call holds one for long: waits drop it around
+ * epoll_wait), the parent then lets go, and the child starts with fresh locks, before
+ * any thread of its own exists.  The child's epoll set, signalfd and eventfd are still
+ * the parent's: each poller notices the new generation on its next call and builds its
+ * own, under its lock.
+ */
+static void on_fork_prepare(void)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (sp_poller *p = registry; p; p = p->next)
+        pthread_mutex_lock(&p->lock);
+}
+
+static void on_fork_parent(void)
+{
+    for (sp_poller *p = registry; p; p = p->next)
+        pthread_mutex_unlock(&p->lock);
+    pthread_mutex_unlock(&registry_lock);
+}
 
 static void on_fork_child(void)
 {
-    /* The child's epoll set, signalfd and eventfd are still the parent's; each poller
-     * notices the new generation on its next call and builds its own. */
+    for (sp_poller *p = registry; p; p = p->next) {
+        pthread_mutex_init(&p->lock, NULL);
+        p->waiters = 0; /* the parent's waiting threads do not exist here */
+        p->wakers = 0;
+    }
+    pthread_mutex_init(&registry_lock, NULL);
     __atomic_add_fetch(&fork_generation, 1, __ATOMIC_SEQ_CST);
     cached_tid = 0;
 }
 
-static void install_atfork(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+static void install_atfork(void) { pthread_atfork(on_fork_prepare, on_fork_parent, on_fork_child); }
 
 static pid_t current_tid(void)
 {
@@ -150,7 +181,7 @@ static uint32_t epoll_mask(uint32_t events, uint32_t flags)
 
 static int uses_signals(const sp_poller *p, const reg *r)
 {
-    return p->mode == SP_MODE_NAIVE || !(r->flags & SP_NO_SIGNAL);
+    return !(r->flags & SP_NO_SIGNAL);
 }
 
 /* Whether unregistering should put the fd's flags back: not for fds inherited across
@@ -160,17 +191,10 @@ static int owns_flags(const sp_poller *p, const reg *r)
     return uses_signals(p, r) && !r->inherited;
 }
 
-/* Aim the fd's signals at the owner thread (UML's naive scheme aims at the process). */
+/* Aim the fd's signals at the owner thread. */
 static int set_owner(sp_poller *p, int fd)
 {
-    struct f_owner_ex own;
-    if (p->mode == SP_MODE_NAIVE) {
-        own.type = F_OWNER_PID;
-        own.pid = getpid();
-    } else {
-        own.type = F_OWNER_TID;
-        own.pid = p->owner_tid;
-    }
+    struct f_owner_ex own = {.type = F_OWNER_TID, .pid = p->owner_tid};
     return fcntl(fd, F_SETOWN_EX, &own) < 0 ? -errno : 0;
 }
 
@@ -205,22 +229,20 @@ static int open_own_fds(sp_poller *p)
     p->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (p->epfd < 0)
         return -errno;
-    p->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    __atomic_store_n(&p->evfd, eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC), __ATOMIC_SEQ_CST);
     if (p->evfd < 0)
         return -errno;
     ev.events = EPOLLIN;
     ev.data.u64 = TOKEN_EVENTFD;
     if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->evfd, &ev) < 0)
         return -errno;
-    if (p->mode == SP_MODE_SIGPOLL) {
-        p->sigfd = signalfd(-1, &p->sigs, SFD_NONBLOCK | SFD_CLOEXEC);
-        if (p->sigfd < 0)
-            return -errno;
-        ev.events = EPOLLIN;
-        ev.data.u64 = TOKEN_SIGNALFD;
-        if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->sigfd, &ev) < 0)
-            return -errno;
-    }
+    p->sigfd = signalfd(-1, &p->sigs, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (p->sigfd < 0)
+        return -errno;
+    ev.events = EPOLLIN;
+    ev.data.u64 = TOKEN_SIGNALFD;
+    if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->sigfd, &ev) < 0)
+        return -errno;
     return 0;
 }
 
@@ -230,9 +252,16 @@ static void close_own_fds(sp_poller *p)
         close(p->epfd);
     if (p->sigfd >= 0)
         close(p->sigfd);
-    if (p->evfd >= 0)
-        close(p->evfd);
-    p->epfd = p->sigfd = p->evfd = -1;
+    p->epfd = p->sigfd = -1;
+    /* A wake() in flight may have read the eventfd's number already: wait until it is out
+     * before the number can name another file (wake() takes no lock, to stay
+     * async-signal-safe; it only spends a write() inside). */
+    int ev = __atomic_exchange_n(&p->evfd, -1, __ATOMIC_SEQ_CST);
+    if (ev >= 0) {
+        while (__atomic_load_n(&p->wakers, __ATOMIC_SEQ_CST))
+            sched_yield();
+        close(ev);
+    }
 }
 
 /*
@@ -247,8 +276,6 @@ static int check_fork(sp_poller *p)
     if (gen == p->fork_gen)
         return 0;
     p->fork_gen = gen;
-    pthread_mutex_init(&p->lock, NULL);
-    p->waiters = 0;
     close_own_fds(p);
     if (p->closed)
         return -ESHUTDOWN;
@@ -270,11 +297,12 @@ static int check_fork(sp_poller *p)
     return 0;
 }
 
-/* Enter a call: handles fork and closed state.  Returns with the lock held on success. */
+/* Enter a call: handles fork and closed state.  Returns with the lock held on success.
+ * The rebuild after a fork runs under the lock: another thread of the child waits for it. */
 static int enter(sp_poller *p)
 {
-    int rc = check_fork(p);
     pthread_mutex_lock(&p->lock);
+    int rc = check_fork(p);
     if (rc == 0 && p->closed)
         rc = -ESHUTDOWN;
     if (rc < 0) {
@@ -300,12 +328,10 @@ static int enter_registered(sp_poller *p, int fd, reg **out)
 
 /* ---- lifecycle ----------------------------------------------------------------------------- */
 
-int sp_poller_new(int signo, int mode, int max_events, sp_poller **out)
+int sp_poller_new(int signo, int max_events, sp_poller **out)
 {
     *out = NULL;
-    if (mode != SP_MODE_SIGPOLL && mode != SP_MODE_NAIVE)
-        return -EINVAL;
-    if (mode == SP_MODE_SIGPOLL && (signo < SIGRTMIN || signo > SIGRTMAX))
+    if (signo < SIGRTMIN || signo > SIGRTMAX)
         return -EINVAL;
     if (max_events < 1 || max_events > 65536)
         return -EINVAL;
@@ -315,8 +341,7 @@ int sp_poller_new(int signo, int mode, int max_events, sp_poller **out)
     if (!p)
         return -ENOMEM;
     pthread_mutex_init(&p->lock, NULL);
-    p->mode = mode;
-    p->signo = mode == SP_MODE_NAIVE ? SIGIO : signo;
+    p->signo = signo;
     p->fork_gen = __atomic_load_n(&fork_generation, __ATOMIC_SEQ_CST);
     p->owner_tid = current_tid();
     sigemptyset(&p->sigs);
@@ -328,6 +353,12 @@ int sp_poller_new(int signo, int mode, int max_events, sp_poller **out)
 
     p->evcap = max_events;
     p->evbuf = calloc((size_t)max_events, sizeof(struct epoll_event));
+    pthread_mutex_lock(&registry_lock);
+    p->next = registry;
+    if (registry)
+        registry->prev = p;
+    registry = p;
+    pthread_mutex_unlock(&registry_lock);
     int rc = p->evbuf ? open_own_fds(p) : -ENOMEM;
     if (rc < 0) {
         sp_poller_free(p);
@@ -360,20 +391,20 @@ static void teardown(sp_poller *p)
 
 int sp_poller_close(sp_poller *p)
 {
+    pthread_mutex_lock(&p->lock);
     uint64_t gen = __atomic_load_n(&fork_generation, __ATOMIC_SEQ_CST);
     if (gen != p->fork_gen) {
         /* Closing in a forked child: drop the child's copies only, never touch the flags
          * of file descriptions the parent is still using. */
-        pthread_mutex_init(&p->lock, NULL);
         close_own_fds(p);
         for (int fd = 0; fd < p->nregs_cap; fd++)
             p->regs[fd].used = 0;
         p->nregistered = 0;
         p->closed = 1;
         p->fork_gen = gen;
+        pthread_mutex_unlock(&p->lock);
         return 0;
     }
-    pthread_mutex_lock(&p->lock);
     if (p->closed) {
         pthread_mutex_unlock(&p->lock);
         return 0;
@@ -383,8 +414,6 @@ int sp_poller_close(sp_poller *p)
         /* A waiter is inside epoll_wait on these fds: wake it; the last one out tears down. */
         uint64_t one = 1;
         if (write(p->evfd, &one, sizeof(one)) < 0) { /* counter saturated: already awake */ }
-        if (p->mode == SP_MODE_NAIVE && p->owner_tid)
-            syscall(SYS_tgkill, getpid(), p->owner_tid, SIGIO);
     } else {
         teardown(p);
     }
@@ -398,6 +427,14 @@ void sp_poller_free(sp_poller *p)
         return;
     if (!p->closed)
         sp_poller_close(p);
+    pthread_mutex_lock(&registry_lock);
+    if (p->prev)
+        p->prev->next = p->next;
+    else
+        registry = p->next;
+    if (p->next)
+        p->next->prev = p->prev;
+    pthread_mutex_unlock(&registry_lock);
     if (p->epfd >= 0 || p->sigfd >= 0 || p->evfd >= 0)
         close_own_fds(p);
     free(p->regs);
@@ -426,8 +463,6 @@ int sp_poller_register(sp_poller *p, int fd, uint32_t events, uint32_t flags)
         return -EBADF;
     if (flags & ~(SP_EDGE | SP_NO_SIGNAL))
         return -EINVAL;
-    if (p->mode == SP_MODE_NAIVE)
-        flags = (flags | SP_EDGE) & ~SP_NO_SIGNAL; /* UML registers edge-triggered, always async */
     int rc = enter(p);
     if (rc < 0)
         return rc;
@@ -440,7 +475,7 @@ int sp_poller_register(sp_poller *p, int fd, uint32_t events, uint32_t flags)
         rc = -errno;
         goto out;
     }
-    int wants_sig = p->mode == SP_MODE_NAIVE || !(flags & SP_NO_SIGNAL);
+    int wants_sig = !(flags & SP_NO_SIGNAL);
     if (wants_sig && (rc = check_async_capable(fd)) < 0)
         goto out;
     if ((rc = grow_regs(p, fd)) < 0)
@@ -487,8 +522,6 @@ int sp_poller_modify(sp_poller *p, int fd, uint32_t events, uint32_t flags)
     int rc = enter_registered(p, fd, &r);
     if (rc < 0)
         return rc;
-    if (p->mode == SP_MODE_NAIVE)
-        flags = SP_EDGE;
     /* The signal setting is fixed at registration; only events and edge change. */
     flags = (flags & SP_EDGE) | (r->flags & SP_NO_SIGNAL);
     struct epoll_event ev = {.events = epoll_mask(events, flags), .data.u64 = (uint64_t)fd};
@@ -720,12 +753,12 @@ static void adopt_thread(sp_poller *p)
         return;
     pthread_sigmask(SIG_BLOCK, &p->sigs, NULL);
     p->owner_tid = tid;
-    if (p->mode == SP_MODE_NAIVE)
-        return; /* aimed at the process, not a thread */
     for (int fd = 0; fd < p->nregs_cap; fd++)
         if (p->regs[fd].used && uses_signals(p, &p->regs[fd]))
             set_owner(p, fd);
     /* Hints queued to the previous thread stay there; a rescan stands in for them. */
+    if (p->nregistered)
+        p->c.rescans++;
     for (int fd = 0; fd < p->nregs_cap; fd++)
         if (p->regs[fd].used)
             add_hint(p, fd);
@@ -803,56 +836,6 @@ static int wait_sigpoll(sp_poller *p, int timeout_ms, sp_event *out, int max, ui
     return n;
 }
 
-/* UML's scheme: sleep until SIGIO, then look at epoll once without waiting.  No retry. */
-static int wait_naive(sp_poller *p, int timeout_ms, sp_event *out, int max, uint32_t *woken)
-{
-    int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
-    int epfd = p->epfd;
-    sigset_t only_sigio;
-    sigemptyset(&only_sigio);
-    sigaddset(&only_sigio, SIGIO);
-    pthread_mutex_unlock(&p->lock);
-
-    int rc;
-    for (;;) {
-        if (timeout_ms < 0) {
-            rc = sigwaitinfo(&only_sigio, NULL);
-        } else {
-            struct timespec ts = {.tv_sec = timeout_ms / 1000, .tv_nsec = (long)(timeout_ms % 1000) * 1000000};
-            rc = sigtimedwait(&only_sigio, NULL, &ts);
-        }
-        if (rc >= 0 || errno != EINTR)
-            break;
-        if (p->options & SP_RETURN_ON_EINTR) {
-            *woken |= SP_INTERRUPTED;
-            break;
-        }
-        if (timeout_ms > 0) {
-            int64_t left = deadline - now_ms();
-            timeout_ms = left > 0 ? (int)left : 0;
-        }
-    }
-    int cap = max < p->evcap ? max : p->evcap;
-    int got = rc >= 0 ? epoll_wait(epfd, p->evbuf, cap, 0) : 0;
-
-    pthread_mutex_lock(&p->lock);
-    p->c.wakeups++;
-    if (rc >= 0)
-        p->c.signals++;
-    if (p->closed || got < 0)
-        return got < 0 ? -errno : 0;
-    p->batch++;
-    int n = 0;
-    for (int i = 0; i < got; i++) {
-        uint64_t tok = p->evbuf[i].data.u64;
-        if (tok == TOKEN_EVENTFD)
-            drain_eventfd(p, woken);
-        else if (lookup(p, (int)tok))
-            n = emit(p, out, n, (int)tok, p->evbuf[i].events);
-    }
-    return n;
-}
-
 int sp_poller_wait(sp_poller *p, int timeout_ms, sp_event *out, int max, uint32_t *woken)
 {
     uint32_t why = 0;
@@ -872,10 +855,7 @@ int sp_poller_wait(sp_poller *p, int timeout_ms, sp_event *out, int max, uint32_
     p->waiters++;
     int64_t deadline = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
     for (;;) {
-        if (p->mode == SP_MODE_NAIVE)
-            rc = wait_naive(p, timeout_ms, out, max, &why);
-        else
-            rc = wait_sigpoll(p, timeout_ms, out, max, &why);
+        rc = wait_sigpoll(p, timeout_ms, out, max, &why);
         /* Nothing to report yet (a hint that was not ready, a signal with no epoll event)
          * is not a timeout: sleep again for what is left, so an empty return always means
          * the time ran out or wake() was called. */
@@ -899,20 +879,18 @@ int sp_poller_wait(sp_poller *p, int timeout_ms, sp_event *out, int max, uint32_
 
 int sp_poller_wake(sp_poller *p)
 {
-    /* No lock: must be callable from a signal handler.  evfd is stable until teardown,
-     * which only happens once no waiter is left. */
+    /* No lock: must be callable from a signal handler.  Counting ourselves in first makes
+     * close_own_fds() wait before it closes the number we are about to write to. */
+    __atomic_add_fetch(&p->wakers, 1, __ATOMIC_SEQ_CST);
     uint64_t one = 1;
-    int fd = __atomic_load_n(&p->evfd, __ATOMIC_RELAXED);
+    int rc = 0;
+    int fd = __atomic_load_n(&p->evfd, __ATOMIC_SEQ_CST);
     if (fd < 0)
-        return -ESHUTDOWN;
-    if (write(fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-        return -errno;
-    if (p->mode == SP_MODE_NAIVE) {
-        pid_t tid = __atomic_load_n(&p->owner_tid, __ATOMIC_RELAXED);
-        if (tid)
-            syscall(SYS_tgkill, getpid(), tid, SIGIO);
-    }
-    return 0;
+        rc = -ESHUTDOWN;
+    else if (write(fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        rc = -errno;
+    __atomic_sub_fetch(&p->wakers, 1, __ATOMIC_SEQ_CST);
+    return rc;
 }
 
 /* ---- introspection ------------------------------------------------------------------------ */

@@ -17,6 +17,7 @@
 #ifndef SIGPOLL_H
 #define SIGPOLL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 typedef struct sp_poller sp_poller;
@@ -38,11 +39,6 @@ typedef struct sp_counters {
     uint64_t polled;          /* waits answered while busy-polling, without sleeping */
 } sp_counters;
 
-enum sp_mode {
-    SP_MODE_SIGPOLL = 0, /* the race-free scheme */
-    SP_MODE_NAIVE = 1    /* UML's scheme, kept only for the reproducer and benches */
-};
-
 /* Registration flags. */
 #define SP_EDGE 1u       /* edge-triggered in epoll (EPOLLET) */
 #define SP_NO_SIGNAL 2u  /* epoll only: leave O_ASYNC off (sockets gain nothing from it) */
@@ -57,11 +53,11 @@ enum sp_mode {
                                  when control comes back to them; they restart the wait */
 
 /*
- * Create a poller.  signo is the real-time signal for O_ASYNC hints (ignored in naive
- * mode, which uses SIGIO like UML).  max_events sizes the preallocated event buffer.
+ * Create a poller.  signo is the real-time signal for O_ASYNC hints (SIGRTMIN..SIGRTMAX).
+ * max_events sizes the preallocated event buffer.
  * The calling thread becomes the owner: signals are aimed at it until another thread waits.
  */
-int sp_poller_new(int signo, int mode, int max_events, sp_poller **out);
+int sp_poller_new(int signo, int max_events, sp_poller **out);
 
 /* Release everything; the poller must not be in use by another thread.  NULL is ignored. */
 void sp_poller_free(sp_poller *p);
@@ -110,7 +106,7 @@ int sp_poller_wake(sp_poller *p);
 
 void sp_poller_counters(sp_poller *p, sp_counters *out);
 
-/* The signal that carries hints (SIGIO in naive mode). */
+/* The signal that carries hints. */
 int sp_poller_signal(sp_poller *p);
 
 /* The thread id fds are currently owned by. */
@@ -118,5 +114,40 @@ int sp_poller_owner_tid(sp_poller *p);
 
 /* Number of registered fds. */
 int sp_poller_count(sp_poller *p);
+
+/*
+ * ---- Guest memory: accesses that survive a frontend truncating its memory file ----
+ *
+ * (csrc/guestmem.c.)  A vhost-user frontend shares guest memory as files it can shrink at
+ * any time; touching a mapped page past the new end raises SIGBUS, fatal by default.
+ * sp_guest_add() names a mapped range [base, base+len) as guest memory; it also puts a
+ * SIGBUS handler first in line (again on every call, so a handler installed since --
+ * Python's faulthandler, say -- comes after it; faults outside every range are passed to
+ * that previous handler, or get the default action).  For a fault inside a range:
+ *   - during sp_guest_read/sp_guest_write, the copy stops and returns -EFAULT;
+ *   - anywhere else (a load or store the caller made itself), the whole range is replaced
+ *     by zero pages so the access completes, and the caller learns of it afterwards.
+ * Either way the range is marked faulted from then on, and the first fault writes 8 bytes
+ * to notify_fd (an eventfd; -1 for none) so an event loop can drop the frontend.
+ * Copies from or to a faulted range fail with -EFAULT without touching it: no byte the
+ * guest did not write reaches the host.
+ *
+ * Up to 64 ranges.  Add and remove are thread-safe; the copies are async-signal-unsafe
+ * only in that they must not run inside another SIGBUS handler.
+ */
+
+/* Returns the range's id (>= 0), -EINVAL for an empty or wrapping range, -ENOSPC. */
+int sp_guest_add(uintptr_t base, size_t len, int notify_fd);
+
+/* Forget a range (before unmapping it). 0, or -ENOENT if the id is not in use. */
+int sp_guest_remove(int id);
+
+/* Faults seen in the range so far (0: intact), or -ENOENT. */
+int sp_guest_faults(int id);
+
+/* Copy n bytes out of (read) or into (write) guest memory at address src/dst, which must
+ * lie within one range.  0, -EFAULT (the memory is gone), or -EINVAL (not in a range). */
+int sp_guest_read(char *dst, uintptr_t src, size_t n);
+int sp_guest_write(uintptr_t dst, const char *src, size_t n);
 
 #endif /* SIGPOLL_H */

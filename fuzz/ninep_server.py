@@ -57,7 +57,8 @@ with instrumentation(__name__):
     from sigpoll.ninep import _codec as c
     from sigpoll.ninep._server import NinepServer
 
-__all__ = ["TARGET", "CAUGHT", "one_input", "structured_input", "raw_input", "shutdown"]
+__all__ = ["TARGET", "CAUGHT", "Reader", "one_input", "structured_input", "raw_input",
+           "shutdown"]
 
 TARGET = "ninep_server"
 
@@ -329,6 +330,41 @@ def _sanitize(frame: bytes, env: _Env, salt: int) -> bytes:
 # --------------------------------------------------------------------------- the run
 
 
+class Reader:
+    """Reads a socket with a time limit per read, losing nothing.
+
+    ``asyncio.wait_for(loop.sock_recv(...), t)`` loses the bytes of a recv that completes
+    in the same loop iteration as the timeout on Python 3.12 and later (its ``wait_for``
+    cancels the finished task and drops its result); that made this harness report a
+    server "hung" with nothing pending (issue 19, item 3).  Here one recv stays
+    outstanding across reads and a timeout never cancels it.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._recv: asyncio.Future[bytes] | None = None
+
+    async def read(self, timeout: float) -> bytes | None:
+        """The next bytes (b"" at EOF), or None if none came within ``timeout``."""
+        if self._recv is None:
+            self._recv = asyncio.ensure_future(
+                asyncio.get_running_loop().sock_recv(self.sock, 1 << 16))
+        done, _ = await asyncio.wait({self._recv}, timeout=timeout)
+        if not done:
+            return None
+        recv, self._recv = self._recv, None
+        try:
+            return recv.result()
+        except ConnectionResetError:
+            return b""
+
+    def close(self) -> None:
+        if self._recv is not None:
+            self._recv.cancel()
+            self._recv = None
+
+
+
 def _segments(frames: list[bytes], broken: bool) -> list[list[bytes]]:
     """Where to pause sending (finding S1, fixed; see docs/fuzzing.md).
 
@@ -387,16 +423,15 @@ async def _exchange(env: _Env, frames: list[bytes], broken: bool) -> tuple[bytes
             pos += size
         return False
 
+    reader = Reader(ours)
+
     async def receive_until(done: object) -> bool:
         """Read replies until ``done()``; False if the server closed first."""
         nonlocal closed
         while not done():  # type: ignore[operator]
-            try:
-                chunk = await asyncio.wait_for(loop.sock_recv(ours, 1 << 16), 0.05)
-            except asyncio.TimeoutError:
+            chunk = await reader.read(0.05)
+            if chunk is None:
                 continue
-            except ConnectionResetError:
-                chunk = b""
             if not chunk:
                 closed = True
                 return False
@@ -434,8 +469,9 @@ async def _exchange(env: _Env, frames: list[bytes], broken: bool) -> tuple[bytes
             await conn.closed
     except TimeoutError:
         raise AssertionError(f"server hung: pending={conn.session.pending!r} inflight={conn.inflight} "
-                             f"closed={conn.closed.done()}") from None
+                             f"closed={conn.closed.done()} stalled={conn.stalled()}") from None
     finally:
+        reader.close()
         ours.close()
     assert not conn.session.fids, "fids left after the connection ended"
     return bytes(replies), closed, sentinels

@@ -21,7 +21,9 @@ outstanding from the client's side:
 * an aborted request is never started, and only a queued one is aborted; a Tversion or the
   connection closing aborts every queued request;
 * at the end, unless the connection was closed, every request got its reply or was
-  dropped by a Tflush that got its Rflush, and every Tflush got its Rflush.
+  dropped by a Tflush that got its Rflush, and every Tflush got its Rflush;
+* the bytes the connection holds for each message come back exactly once, when the
+  message is over (never more, never lost: its memory budget rests on that).
 
 Run longer: ``python fuzz/ninep_session.py [workdir] [-max_total_time=600] ...``
 """
@@ -102,24 +104,27 @@ class _Run:
         self.queued: list[Request] = []
         self.running: list[Request] = []
         self.aborted: set[Request] = set()
-        #: errno code of a reply the harness made -> the request it was made for.
-        self.made: dict[int, Request] = {}
+        #: errno code of a reply the harness made -> the message it was made for.
+        self.made: dict[int, c.Message] = {}
         self.next_code = 1000
+        #: Bytes handed in with messages and handed back (Session.receive's ``held``).
+        self.held = 0
+        self.freed = 0
 
     # ------------------------------------------------------------------ events
 
     def receive(self, msg: c.Message, at_once: bool = False) -> None:
         self.client.sent(msg)
-        req = self.session.receive(msg)
+        if at_once:
+            # The inline path: answered before the next message is looked at.
+            if self.session.may_answer(msg):
+                self._replied([self._reply_for(msg)])
+            self._check(self.session.take())
+            return
+        self.held += 3
+        req = self.session.receive(msg, held=3)
         if req is not None:
             assert req.state is QUEUED and req.msg is msg
-            if at_once:
-                # The inline path: answered before the next message is looked at.
-                reply = self._reply_for(req)
-                self._check(self.session.take())
-                if self.session.answered_at_once(req):
-                    self._replied([reply])
-                return
             self.queued.append(req)
         self._check(self.session.take())
         if isinstance(msg, c.Tversion) and not self.client.closed:
@@ -129,7 +134,8 @@ class _Run:
     def reject(self, tag: int) -> None:
         # A frame that did not decode: for the client, a message under that tag.
         self.client.sent(c.Tstatfs(0, tag=tag))
-        self.session.reject(tag, errno.EPROTO)
+        self.held += 5
+        self.session.reject(tag, errno.EPROTO, held=5)
         self._check(self.session.take())
 
     def start(self, i: int) -> None:
@@ -170,17 +176,21 @@ class _Run:
         if not self.client.closed:
             left = {t: m for t, m in self.client.waiting.items()}
             assert not left, f"never answered: {left}"
+        self.freed += self.session.take_freed()
+        assert self.freed == self.held, f"{self.freed} bytes handed back of {self.held}"
 
     # ------------------------------------------------------------------ checks
 
-    def _reply_for(self, req: Request) -> c.Message | bytes:
+    def _reply_for(self, req: Request | c.Message) -> c.Message | bytes:
         code = self.next_code
         self.next_code += 1
-        self.made[code] = req
+        self.made[code] = req.msg if isinstance(req, Request) else req
         reply = c.Rlerror(code, tag=req.tag)
         return c.encode(reply) if code % 2 else reply
 
     def _check(self, actions: list[object]) -> None:
+        self.freed += self.session.take_freed()
+        assert self.freed <= self.held, f"{self.freed} bytes handed back of {self.held}"
         replies = []
         for action in actions:
             if isinstance(action, Abort):
@@ -200,8 +210,8 @@ class _Run:
             reply = raw if isinstance(raw, c.Message) else c.decode(raw)  # type: ignore[arg-type]
             asked = self.client.got(reply)
             if isinstance(reply, c.Rlerror) and reply.ecode >= 1000:
-                req = self.made.pop(reply.ecode)
-                assert req.msg is asked, f"{reply!r} was made for {req!r}, not {asked!r}"
+                made = self.made.pop(reply.ecode)
+                assert made is asked, f"{reply!r} was made for {made!r}, not {asked!r}"
 
 
 class _FakeFid:

@@ -32,15 +32,16 @@ sys.path[:0] = [p for p in (_HERE, os.path.dirname(_HERE)) if p not in sys.path]
 from _fuzzcommon import ByteReader, fuzz_main, instrumentation  # noqa: E402
 
 with instrumentation(__name__):
+    from sigpoll.virtio._memory import GuestMemory
     from sigpoll.virtio._vhost_user import VringAddr
     from sigpoll.virtio._virtqueue import (
         DESC_F_INDIRECT,
         DESC_F_NEXT,
         DESC_F_WRITE,
         MAX_CHAIN_BYTES,
+        MAX_CHAIN_READ,
         MAX_INDIRECT,
         Chain,
-        GuestMemory,
         Virtqueue,
     )
 
@@ -54,7 +55,7 @@ _GUARD = 64
 _GUARD_BYTE = 0xA5
 _TOP = 1 << 64
 _SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 0, 3, 48, 32768, 65536]
-_LENGTHS = [0, 1, 2, 15, 16, 17, 32, 64, 4096, 0xFFFFFFFF, 0x80000000]
+_LENGTHS = [0, 1, 2, 15, 16, 17, 32, 64, 4096, 0xFFFFFFFF, 0x80000000, 1 << 20, (1 << 20) + 1]
 
 
 class _Region:
@@ -120,7 +121,7 @@ def _reference_walk(regions: list[_Region], desc_user: int, num: int,
     if head >= num:
         return None
     table_addr, table_len, user = desc_user, num, True
-    index, seen, total, in_indirect = head, 0, 0, False
+    index, seen, total, readable, in_indirect = head, 0, 0, 0, False
     out: list[tuple[int, int, bool]] = []
     while True:
         seen += 1
@@ -142,6 +143,10 @@ def _reference_walk(regions: list[_Region], desc_user: int, num: int,
         total += length
         if total > MAX_CHAIN_BYTES:
             return None
+        if not flags & DESC_F_WRITE:
+            readable += length  # repeats count: each is a copy the device would make
+            if readable > MAX_CHAIN_READ:
+                return None
         if length:
             hit = _find(regions, addr, length, False)
             if hit is None:

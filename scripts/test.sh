@@ -6,6 +6,8 @@
 #     kmod              insmod, to load UML's 9p and virtio_console modules in the guest
 #     diod              a real 9P2000.L server and its clients (diodls, diodcat)
 #     iproute2          `ip`, for the private network namespace a guest's 9P share rides on
+#     tmux              a terminal emulator that keeps a screen, so the commands' tests can see
+#                       where the cursor ended up (tests/test_cli_terminal.py)
 #   Python: the package itself plus the dev extras (pytest, pexpect, hypothesis, uvloop...)
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k poller`.
 set -euo pipefail
@@ -18,6 +20,7 @@ have linux.uml || need_apt+=(user-mode-linux)
 have insmod || need_apt+=(kmod)
 have diod || need_apt+=(diod)
 have ip || need_apt+=(iproute2)
+have tmux || need_apt+=(tmux)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         apt-get update -qq

@@ -10,9 +10,23 @@ import select
 import signal as _signal_module
 import stat
 import warnings
-from typing import Literal, Protocol, Union
+from typing import Protocol, Union
 
-from ._core import ffi, lib
+try:
+    from ._core import ffi, lib
+except ModuleNotFoundError as exc:  # the C core is not built where sigpoll was imported from
+    if exc.name != f"{__package__}._core":
+        raise
+    _here = os.path.dirname(os.path.abspath(__file__))
+    # name= the package: `python -m sigpoll.X` then prints this one line, not a traceback.
+    raise ImportError(
+        f"sigpoll's C core is not built in {_here}"
+        + (" (a source checkout, which shadows the installed sigpoll): run from another "
+           "directory, or build it here with `pip install -e .`"
+           if os.path.exists(os.path.join(_here, os.pardir, "csrc")) else
+           ": reinstall sigpoll (`pip install --force-reinstall sigpoll`)"),
+        name=__package__,
+    ) from None
 from ._errors import PollerClosedError, SignalMaskWarning
 from ._signals import DEFAULT_SIGNAL, check_signal_free, threads_not_blocking
 
@@ -35,7 +49,6 @@ HANGUP: int = select.EPOLLHUP
 _MAX_TIMEOUT_MS = 2**31 - 1
 _SIGIO = int(_signal_module.SIGIO)  # the kernel's fallback when the RT queue overflows
 _INTERRUPTED = lib.SP_INTERRUPTED
-_MODES = {"sigpoll": lib.SP_MODE_SIGPOLL, "naive": lib.SP_MODE_NAIVE}
 
 
 class _HasFileno(Protocol):
@@ -109,13 +122,11 @@ def _describe(fd: int) -> str:
 _MAX_BUSY_POLL_US = 1_000_000
 
 
-def _busy_poll_ns(value: float, mode: str) -> int:
+def _busy_poll_ns(value: float) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             0 <= value <= _MAX_BUSY_POLL_US):
         raise ValueError(f"busy_poll_us must be a number from 0 to {_MAX_BUSY_POLL_US}, "
                          f"not {value!r}")
-    if value and mode != "sigpoll":
-        raise ValueError("busy polling needs mode='sigpoll'")
     return round(value * 1000)
 
 
@@ -129,39 +140,30 @@ class Poller:
     level, so a readiness edge that the kernel signalled before epoll saw it is neither
     lost nor invented.  See docs/design.md.
 
-    ``mode="naive"`` reproduces User-Mode Linux's scheme (SIGIO, sleep until it arrives,
-    ``epoll_wait(.., 0)`` once, edge-triggered, no retry).  It loses events by design and
-    exists only for the reproducer (``python -m sigpoll.stress xxd``) and the benches.
-
     The poller's signals are blocked in the creating thread, and in any thread that calls
     ``wait``.  Threads started afterwards inherit the block; threads that already existed
     are checked, and a :class:`SignalMaskWarning` names any that do not block them.
     """
 
-    __slots__ = ("_p", "_buf", "_ints", "_max", "_woken", "_mode", "_signal", "__weakref__")
+    __slots__ = ("_p", "_buf", "_ints", "_max", "_woken", "_signal", "__weakref__")
 
     def __init__(
         self,
         *,
         signal: int | None = None,
-        mode: Literal["sigpoll", "naive"] = "sigpoll",
         max_events: int = 256,
         busy_poll_us: float = 0,
     ) -> None:
-        if mode not in _MODES:
-            raise ValueError(f"mode must be 'sigpoll' or 'naive', not {mode!r}")
-        poll_ns = _busy_poll_ns(busy_poll_us, mode)
+        poll_ns = _busy_poll_ns(busy_poll_us)
         if not isinstance(max_events, int) or not 1 <= max_events <= 65536:
             raise ValueError(f"max_events must be an int from 1 to 65536, not {max_events!r}")
         signo = DEFAULT_SIGNAL if signal is None else int(signal)
-        if mode == "sigpoll":
-            check_signal_free(signo)
+        check_signal_free(signo)
         out = ffi.new("sp_poller **")
-        rc = lib.sp_poller_new(signo, _MODES[mode], max_events, out)
+        rc = lib.sp_poller_new(signo, max_events, out)
         if rc < 0:
             raise OSError(-rc, f"cannot create poller: {os.strerror(-rc)}")
         self._p = ffi.gc(out[0], lib.sp_poller_free)
-        self._mode = mode
         self._signal: int = int(lib.sp_poller_signal(self._p))
         self._max = max_events
         self._buf = ffi.new("sp_event[]", max_events)
@@ -187,13 +189,8 @@ class Poller:
     # -- properties ----------------------------------------------------------------------
 
     @property
-    def mode(self) -> str:
-        """``"sigpoll"`` or ``"naive"``."""
-        return self._mode
-
-    @property
     def signal(self) -> int:
-        """The signal that carries readiness hints (SIGIO in naive mode)."""
+        """The signal that carries readiness hints."""
         return self._signal
 
     @property
@@ -219,13 +216,13 @@ class Poller:
         than the ceiling, and drops to 0 after a longer gap, so an idle poller sleeps at
         once.  Waking a sleeping thread costs tens of microseconds on a virtual machine;
         a request/reply peer that answers within the budget avoids that cost, and the
-        CPU spins meanwhile.  ``sigpoll`` mode only.
+        CPU spins meanwhile.
         """
         return int(lib.sp_poller_busy_poll(self._p)) / 1000
 
     @busy_poll_us.setter
     def busy_poll_us(self, value: float) -> None:
-        lib.sp_poller_set_busy_poll(self._p, _busy_poll_ns(value, self._mode))
+        lib.sp_poller_set_busy_poll(self._p, _busy_poll_ns(value))
 
     def fileno(self) -> int:
         """The epoll fd.  It is pollable, so the poller can nest inside another event loop."""
@@ -242,7 +239,7 @@ class Poller:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self)} fds"
-        return f"<sigpoll.Poller mode={self._mode} signal={self._signal} {state}>"
+        return f"<sigpoll.Poller signal={self._signal} {state}>"
 
     # -- registration --------------------------------------------------------------------
 

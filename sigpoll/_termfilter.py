@@ -6,7 +6,9 @@ move or resize its window, or make the terminal type a report back (CSI 21 t ech
 window title as input).  The console bridge passes guest output through
 :class:`TerminalFilter`, which keeps what full-screen programs need (text, colours, cursor
 movement, erasing, scroll regions, the alternate screen, modes) and drops the rest, and
-:data:`RESET_SEQUENCE` undoes the modes a guest may leave set when the user detaches.
+:meth:`TerminalFilter.reset_sequence` undoes, when the user detaches, the modes the guest
+actually changed (and nothing else: resetting a scroll region or leaving an alternate screen
+the guest never entered would move the user's cursor).
 
 The filter is pure (bytes in, bytes out), keeps no more than :data:`MAX_PENDING` bytes of an
 unfinished sequence between calls, and gives the same output however the input is split.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["ALLOWED_OSC", "MAX_PENDING", "RESET_SEQUENCE", "FilterCounts", "TerminalFilter"]
+__all__ = ["ALLOWED_OSC", "MAX_PENDING", "RESET_SEQUENCE", "FilterCounts", "ModeTracker", "TerminalFilter"]
 
 #: OSC commands passed through: 0, 1 and 2 set the icon/window title and nothing else.
 ALLOWED_OSC = frozenset({b"0", b"1", b"2"})
@@ -26,9 +28,10 @@ ALLOWED_OSC = frozenset({b"0", b"1", b"2"})
 #: dropped as it arrives rather than buffered, so a hostile guest cannot grow memory.
 MAX_PENDING = 4096
 
-#: Written to the terminal on detach: leave the alternate screen, show the cursor, stop
-#: mouse and focus reporting and bracketed paste, normal cursor keys and keypad, ASCII
-#: character set, no scroll region, default colours.
+#: Every reset :meth:`ModeTracker.reset_sequence` may send, in one string (leave the
+#: alternate screen, show the cursor, stop mouse and focus reporting and bracketed paste,
+#: normal cursor keys and keypad, ASCII character set, no scroll region, default colours).
+#: Not sent as a whole any more: it moves the cursor of a terminal that was never changed.
 RESET_SEQUENCE = (
     b"\x1b[?1049l\x1b[?25h"
     b"\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1004l\x1b[?1005l\x1b[?1006l\x1b[?1015l"
@@ -61,6 +64,116 @@ _STRING_END = re.compile(rb"\x07|\x1b\\|\xc2\x9c")
 _UTF8_PREFIX = re.compile(rb"(?:[\xc2-\xdf]|[\xe0-\xef][\x80-\xbf]?|[\xf0-\xf4][\x80-\xbf]{0,2})\Z")
 
 
+# Private (DEC) modes a guest may change that the user's shell expects back, with their
+# usual value (True: set).  Origin mode (6) is left alone: resetting it homes the cursor,
+# and with the scroll region reset it has no visible effect.
+_PRIVATE_DEFAULTS = {
+    1: False,  # application cursor keys
+    5: False,  # reverse video
+    7: True,  # autowrap
+    25: True,  # cursor visible
+    66: False,  # application keypad (DECNKM)
+    1000: False, 1001: False, 1002: False, 1003: False,  # mouse reporting
+    1004: False,  # focus reporting
+    1005: False, 1006: False, 1015: False, 1016: False,  # mouse encodings
+    2004: False,  # bracketed paste
+}
+_ALT_SCREENS = (1049, 1047, 47)
+
+_TRACK = re.compile(
+    rb"\x1b\[([\x30-\x3f]*)([\x20-\x2f]*)([hlmqr])"  # modes, SGR, cursor style, scroll region
+    rb"|\x1b([=>c])"  # keypad modes, full reset
+    rb"|\x1b([()])([\x30-\x7e])"  # G0/G1 character sets
+    rb"|([\x0e\x0f])"  # shift out / shift in
+)
+
+
+class ModeTracker:
+    """Follows the terminal state a stream of output changes, to undo just that.
+
+    :meth:`track` takes complete sequences (the filter's output); :meth:`reset_sequence`
+    returns the bytes that put back what was changed, or ``b""`` if nothing was: a guest
+    that only printed text leaves the user's terminal (and cursor) exactly as it was.
+    """
+
+    def __init__(self) -> None:
+        self.private: dict[int, bool] = {}  #: DEC private modes the stream set or reset
+        self.alt_screen = 0  #: the alternate-screen mode it entered (1049, 1047, 47) or 0
+        self.insert = False  #: insert mode (IRM) on
+        self.region = False  #: a scroll region set
+        self.sgr = False  #: colours or attributes other than the default
+        self.cursor_style = False
+        self.keypad = False  #: application keypad (DECKPAM)
+        self.charset = False  #: G0 is not ASCII
+        self.shifted = False  #: shifted out to G1
+
+    def track(self, data: bytes) -> None:
+        """Note the mode changes in ``data`` (complete sequences only)."""
+        if b"\x1b" not in data and b"\x0e" not in data and b"\x0f" not in data:
+            return
+        for m in _TRACK.finditer(data):
+            params, inter, final, esc, gset, gname, shift = m.groups()
+            if final is not None:
+                self._csi(params, inter, final)
+            elif esc is not None:
+                if esc == b"=":
+                    self.keypad = True
+                elif esc == b">":
+                    self.keypad = False
+                else:  # RIS: the terminal is back to its defaults
+                    self.__init__()  # type: ignore[misc]
+            elif gset is not None:
+                if gset == b"(":
+                    self.charset = gname != b"B"
+            elif shift is not None:
+                self.shifted = shift == b"\x0e"
+
+    def _csi(self, params: bytes, inter: bytes, final: bytes) -> None:
+        if final == b"q":
+            if inter == b" ":
+                self.cursor_style = params not in (b"", b"0")
+            return
+        if inter:
+            return
+        if final == b"m":
+            self.sgr = any(p.lstrip(b"0") for p in params.replace(b":", b";").split(b";"))
+        elif final == b"r":
+            self.region = bool(params.strip(b";")) and not params.startswith(b"?")
+        elif params.startswith(b"?"):
+            on = final == b"h"
+            for p in params[1:].split(b";"):
+                if not p.isdigit():
+                    continue
+                mode = int(p)
+                if mode in _ALT_SCREENS:
+                    self.alt_screen = mode if on else 0
+                elif mode in _PRIVATE_DEFAULTS:
+                    self.private[mode] = on
+        elif final in b"hl":
+            for p in params.split(b";"):
+                if p == b"4":
+                    self.insert = final == b"h"
+
+    def reset_sequence(self) -> bytes:
+        """What puts back every mode the stream changed (``b""`` when it changed none)."""
+        out = []
+        if self.region:
+            # Resetting the region homes the cursor: save and restore around it.
+            out.append(b"\x1b7\x1b[r\x1b8")
+        for mode, on in sorted(self.private.items()):
+            if mode != 25 and on != _PRIVATE_DEFAULTS[mode]:
+                out.append(b"\x1b[?%d%s" % (mode, b"h" if _PRIVATE_DEFAULTS[mode] else b"l"))
+        for changed, undo in ((self.insert, b"\x1b[4l"), (self.keypad, b"\x1b>"), (self.charset, b"\x1b(B"),
+                              (self.shifted, b"\x0f"), (self.sgr, b"\x1b[0m"), (self.cursor_style, b"\x1b[0 q")):
+            if changed:
+                out.append(undo)
+        if self.alt_screen:
+            out.append(b"\x1b[?%dl" % self.alt_screen)  # 1049 also restores the cursor
+        if self.private.get(25) is False:
+            out.append(b"\x1b[?25h")
+        return b"".join(out)
+
+
 @dataclass
 class FilterCounts:
     """What the filter has dropped so far, by kind."""
@@ -88,6 +201,23 @@ class TerminalFilter:
         self._pending = b""
         self._dropping_string = False  # inside an over-long OSC/DCS: drop until its end
         self.counts = FilterCounts()
+        self.modes = ModeTracker()  #: what the kept output changed, for :meth:`reset_sequence`
+
+    def reset_sequence(self) -> bytes:
+        """The bytes that undo the modes the output so far changed (``b""`` if none)."""
+        return self.modes.reset_sequence()
+
+    def summary(self) -> str:
+        """One line on what was blocked (``""`` if nothing was)."""
+        c = self.counts
+        names = (("osc", "OSC (clipboard, colours, fonts)"), ("strings", "DCS/APC/PM/SOS string"),
+                 ("csi", "CSI (window, reports)"), ("c1", "C1 or malformed"))
+        parts = [f"{n} {label}" for kind, label in names if (n := getattr(c, kind))]
+        if not parts:
+            return ""
+        total = c.osc + c.strings + c.csi + c.c1
+        return (f"blocked {total} control sequence{'s' if total != 1 else ''} the console sent to your "
+                f"terminal: {', '.join(parts)} (--raw lets them through)")
 
     def feed(self, data: bytes) -> bytes:
         """Filter the next piece of the stream."""
@@ -114,7 +244,9 @@ class TerminalFilter:
                 self._pending = tail
                 break
             i = nxt
-        return b"".join(out)
+        kept = b"".join(out)
+        self.modes.track(kept)
+        return kept
 
     def _special(self, buf: bytes, i: int, out: list[bytes]) -> int:
         """Handle the sequence at ``buf[i]``; return where the text resumes, or -1 if the

@@ -66,11 +66,6 @@ def test_bad_ceiling_is_refused(bad: object) -> None:
     p.close()
 
 
-def test_naive_mode_cannot_busy_poll() -> None:
-    with pytest.raises(ValueError, match="sigpoll"):
-        Poller(mode="naive", busy_poll_us=10)
-
-
 def test_off_by_default_and_settable(pipe: tuple[int, int], polling: Polling) -> None:
     p = polling(0)
     ping(p, *pipe, 20, 0.001)

@@ -236,3 +236,39 @@ def test_random_9p_server_programs(harness: Any, data: bytes) -> None:
 @given(st.binary(max_size=600))
 def test_random_9p_session_programs(data: bytes) -> None:
     _load("ninep_session").one_input(data)
+
+
+def test_ninep_server_harness_reads_lose_nothing(harness: Any) -> None:
+    """Issue 19 item 3: the harness once saw a server "hung" with nothing pending because
+    its reads (wait_for around sock_recv) dropped bytes on Python 3.12+ whenever the
+    timeout and the data arrived together.  Its Reader, under the same race, loses none."""
+    import asyncio
+    import socket
+
+    mod = harness("ninep_server")
+
+    async def body() -> int:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        reader = mod.Reader(a)
+
+        async def write() -> None:
+            for i in range(3000):
+                await asyncio.sleep(0.0005 * (i % 7))
+                b.send(b"x")
+
+        writer = asyncio.ensure_future(write())
+        got = 0
+        async with asyncio.timeout(30):
+            while got < 3000:
+                chunk = await reader.read(0.0015)  # times that race the writer's
+                if chunk:
+                    got += len(chunk)
+        await writer
+        reader.close()
+        a.close()
+        b.close()
+        return got
+
+    assert asyncio.run(body()) == 3000

@@ -81,7 +81,7 @@ def test_serve_tcp_logs_and_exits_cleanly(export: Path, sig: int) -> None:
         assert _read_f(Client.connect_tcp("127.0.0.1", port)) == b"cli\n"
         time.sleep(0.2)
         proc.send_signal(sig)
-        assert proc.wait(10) == 0
+        assert proc.wait(10) == 128 + sig
     lines = _stderr(proc).splitlines()
     assert any("connection from" in ln and "closed" not in ln for ln in lines), lines
     assert sum("connection from" in ln and "closed" not in ln for ln in lines) == 2
@@ -115,7 +115,7 @@ def test_serve_limits_options(export: Path) -> None:
 
         asyncio.run(use())
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+        assert proc.wait(10) == 143
     err = _stderr(proc)
     assert "refusing connection" in err and "max_connections" in err, err
 
@@ -128,7 +128,7 @@ def test_serve_unix(export: Path, tmp_path: Path) -> None:
             time.sleep(0.05)
         assert _read_f(Client.connect_unix(path)) == b"cli\n"
         proc.terminate()
-        assert proc.wait(10) == 0
+        assert proc.wait(10) == 143
         assert not os.path.exists(path)
 
 

@@ -38,10 +38,16 @@ def _nfds() -> int:
 
 
 def test_limits_reject_bad_values() -> None:
-    for name in ("max_fids", "max_inflight", "max_connections", "max_queued_output"):
+    for name in ("max_fids", "max_inflight", "max_connections", "max_queued_output",
+                 "max_connections_per_peer", "max_connection_memory", "max_server_memory",
+                 "max_fds", "max_connection_fds", "max_threads_per_peer", "max_peer_fds"):
         for bad in (0, -1, 1.5, True, "3"):
             with pytest.raises(ValueError, match=name):
                 Limits(**{name: bad})  # type: ignore[arg-type]
+    for bad in (0, -1, True, "3"):
+        with pytest.raises(ValueError, match="version_timeout"):
+            Limits(version_timeout=bad)  # type: ignore[arg-type]
+    assert Limits(max_queued_output=1234).max_connection_memory == 1234
     with pytest.raises(ValueError, match="workers"):
         NinepServer("/", workers=0)
     with pytest.raises(ValueError, match="msize"):
@@ -314,5 +320,40 @@ def test_client_rejects_oversize_replies(run) -> None:
         await cl.close()
         srv.close()
         await srv.wait_closed()
+
+    run(body())
+
+
+def test_require_privileged_port_refuses_unprivileged_source_ports(run, export: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """With require_privileged_port, a TCP peer whose source port is 1024 or above is
+    closed at once with one log line; one bound below 1024 (root only) is served."""
+    if os.geteuid() != 0:
+        pytest.skip("binding a source port below 1024 needs root")
+
+    async def body() -> None:
+        server = NinepServer(export, require_privileged_port=True)
+        port = (await server.start_tcp("127.0.0.1", 0)).sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        with caplog.at_level(logging.WARNING, logger="sigpoll.ninep"):
+            raw = await RawClient.connect("127.0.0.1", port)  # an ephemeral port
+            assert await raw.at_eof()
+            await raw.close()
+        assert any("not privileged" in r.getMessage() for r in caplog.records)
+        for low in range(600, 1000):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", low))
+                break
+            except OSError:
+                s.close()
+        s.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=s)
+        raw = RawClient(reader, writer)
+        await raw.handshake()
+        r = await raw.rpc(c.Tgetattr(0, c.GETATTR_BASIC, tag=2))
+        assert r.TYPE == c.Rgetattr.TYPE
+        await raw.close()
+        await server.close()
 
     run(body())

@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -222,8 +223,8 @@ def test_unregister_after_the_number_was_reused_leaves_the_new_file_alone(poller
 
 
 def test_invalid_arguments() -> None:
-    with pytest.raises(ValueError, match="mode"):
-        Poller(mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Poller(mode="naive")  # type: ignore[call-arg]  # UML's scheme lives in sigpoll.stress
     with pytest.raises(ValueError, match="max_events"):
         Poller(max_events=0)
     with pytest.raises(ValueError, match="not a real-time signal"):
@@ -611,17 +612,22 @@ def test_fork_then_use_in_child(pipe) -> None:
     p.close()
 
 
-# -- naive mode ---------------------------------------------------------------------------
+# -- UML's scheme, for the reproducer ------------------------------------------------------
 
 
-def test_naive_mode_is_umls_scheme(pty_pair) -> None:
+def test_the_reproducers_naive_poller_is_umls_scheme(pty_pair) -> None:
+    """``python -m sigpoll.stress xxd --mode naive`` plays UML on select.epoll and
+    sigtimedwait (sigpoll.stress._writers.NaivePoller): SIGIO, owned by the process,
+    edge-triggered, and the fd's settings put back afterwards."""
+    from sigpoll.stress._writers import NaivePoller
+
     master, slave = pty_pair
-    p = Poller(mode="naive")
+    before = (fcntl.fcntl(slave, fcntl.F_GETFL), fcntl.fcntl(slave, F_GETSIG), owner_of(slave))
+    p = NaivePoller(slave, select.EPOLLOUT)
     try:
-        assert p.signal == signal.SIGIO
-        p.register(slave, WRITABLE)
         assert fcntl.fcntl(slave, F_GETSIG) == signal.SIGIO
         assert owner_of(slave) == (1, os.getpid())  # F_OWNER_PID: the process, as UML does
+        assert fcntl.fcntl(slave, fcntl.F_GETFL) & os.O_ASYNC
         fill(slave)
         drain(master)
         # Whatever it reports, it must never block past its timeout.
@@ -632,3 +638,165 @@ def test_naive_mode_is_umls_scheme(pty_pair) -> None:
         assert p.wait(5) == []
     finally:
         p.close()
+    assert (fcntl.fcntl(slave, fcntl.F_GETFL), fcntl.fcntl(slave, F_GETSIG), owner_of(slave)) == before
+
+
+# -- races in the core, played in a fixed order ------------------------------------------
+#
+# tests/c/stall.c, preloaded into a child interpreter, stops one thread inside a chosen
+# system call until the test lets it go, so the other thread's call lands exactly in the
+# window the race needs.
+
+
+@pytest.fixture(scope="module")
+def stall_shim(tmp_path_factory: pytest.TempPathFactory) -> str:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build tests/c/stall.c")
+    out = str(tmp_path_factory.mktemp("shim") / "stall.so")
+    src = os.path.join(os.path.dirname(__file__), "c", "stall.c")
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", out, src, "-ldl"], check=True)
+    return out
+
+
+def _run_with_shim(shim: str, script: str) -> dict[str, object]:
+    import json
+
+    env = dict(os.environ, LD_PRELOAD=shim)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+WAKE_DURING_CLOSE = """
+    import ctypes, json, os, threading, sigpoll
+    shim = ctypes.CDLL(None)
+    def eventfds():
+        found = set()
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventfd]":
+                    found.add(int(name))
+            except OSError:
+                pass
+        return found
+    before = eventfds()
+    p = sigpoll.Poller()
+    (evfd,) = eventfds() - before
+    victim_r, victim_w = os.pipe()   # a file ready to take over the eventfd's number
+    reached_r, reached_w = os.pipe()
+    go_r, go_w = os.pipe()
+    shim.stall_arm(b"write", evfd, reached_w, go_r)
+    waker = threading.Thread(target=p.wake)
+    waker.start()
+    os.read(reached_r, 1)            # the waker has loaded the fd number and is in write()
+    closer = threading.Thread(target=p.close)
+    closer.start()
+    closer.join(1.0)
+    closed_first = not closer.is_alive()
+    try:
+        os.fstat(evfd)               # still open: close() waits for the wake in flight
+    except OSError:
+        os.dup2(victim_w, evfd)      # closed under the waker: the number now names a pipe
+    os.write(go_w, b"g")
+    waker.join()
+    closer.join()
+    os.set_blocking(victim_r, False)
+    try:
+        stolen = len(os.read(victim_r, 64))
+    except BlockingIOError:
+        stolen = 0
+    print(json.dumps({"closed_first": closed_first, "stolen": stolen}))
+"""
+
+
+def test_a_wake_racing_close_never_writes_into_a_reused_fd_number(stall_shim: str) -> None:
+    """wake() reads the eventfd's number without the lock (it must be async-signal-safe);
+    close() used to close it at once, so a wake in flight could write 8 bytes into whatever
+    file got the number next.  close() now waits for wakes in flight."""
+    res = _run_with_shim(stall_shim, WAKE_DURING_CLOSE)
+    assert res == {"closed_first": False, "stolen": 0}, res
+
+
+REBUILD_AFTER_FORK = """
+    import ctypes, json, os, threading, sigpoll
+    shim = ctypes.CDLL(None)
+    p = sigpoll.Poller()
+    pid = os.fork()
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        raise SystemExit(os.waitstatus_to_exitcode(status))
+    res = {}
+    try:
+        r, w = os.pipe()
+        reached_r, reached_w = os.pipe()
+        go_r, go_w = os.pipe()
+        shim.stall_arm(b"epoll_create1", -1, reached_w, go_r)
+        # Thread A's call is the child's first: it rebuilds the poller's own fds, and stops
+        # inside that, in epoll_create1.
+        a = threading.Thread(target=p.wait, args=(0,))
+        a.start()
+        os.read(reached_r, 1)
+        outcome = []
+        def register():
+            try:
+                p.register(r, sigpoll.READABLE, signals=False)
+                outcome.append("ok")
+            except Exception as exc:
+                outcome.append(repr(exc))
+        b = threading.Thread(target=register)
+        b.start()
+        b.join(1.0)
+        res["registered_during_rebuild"] = not b.is_alive()
+        os.write(go_w, b"g")
+        a.join()
+        b.join()
+        res["register"] = outcome[0]
+        os.write(w, b"x")
+        res["events"] = p.wait(2)
+        res["mine"] = r
+    finally:
+        print(json.dumps(res), flush=True)
+        os._exit(0)
+"""
+
+
+def test_a_second_thread_in_a_fresh_child_waits_for_the_rebuild(stall_shim: str) -> None:
+    """In a forked child the first call rebuilds the poller's fds.  That ran before the
+    lock, so a second thread could use the half-built poller (and both could initialise
+    the mutex): now the child's locks are reset by the fork hook and the rebuild holds
+    the lock."""
+    res = _run_with_shim(stall_shim, REBUILD_AFTER_FORK)
+    assert res["registered_during_rebuild"] is False, res
+    assert res["register"] == "ok", res
+    assert res["events"] == [[res["mine"], READABLE]], res
+
+
+def test_a_change_of_waiting_thread_counts_its_rescan(pipe: tuple[int, int]) -> None:
+    r, _ = pipe
+    p = Poller()
+    try:
+        p.register(r, READABLE)
+        p.wait(0)
+        assert p.counters.rescans == 0
+        t = threading.Thread(target=p.wait, args=(0,))  # a new owner: every fd is rechecked
+        t.start()
+        t.join()
+        assert p.counters.rescans == 1
+    finally:
+        p.close()
+
+
+def test_the_core_stub_names_exactly_what_the_header_declares() -> None:
+    """sigpoll/_core.pyi types the compiled module by hand: it must not drift from it."""
+    import ast
+
+    import sigpoll._core as core
+
+    stub = ast.parse(open(os.path.join(os.path.dirname(sigpoll.__file__), "_core.pyi")).read())
+    (lib_class,) = [n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == "_Lib"]
+    typed = {n.name for n in lib_class.body if isinstance(n, ast.FunctionDef)}
+    typed |= {n.target.id for n in lib_class.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    compiled = {name for name in dir(core.lib) if name.lower().startswith("sp_")}
+    assert typed == compiled

@@ -77,7 +77,7 @@ def test_package_is_typed() -> None:
 
 def _entry_points() -> list[pathlib.Path]:
     root = pathlib.Path(sigpoll.__file__).parent
-    return sorted([*root.rglob("__main__.py"), root / "console.py"])
+    return sorted(root.rglob("__main__.py"))
 
 
 def test_command_line_entry_points_run_on_the_sigpoll_loop() -> None:

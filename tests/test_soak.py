@@ -32,7 +32,7 @@ def test_short_soak_moves_every_stream_and_loses_nothing() -> None:
         assert stream["lost"] == 0 and stream["bad"] == 0 and stream["stalls"] == 0, (name, stream)
     assert report["signals_handled"] > 0
     assert len(report["rss_kib"]) >= 3 and len(report["fds"]) >= 3
-    assert "[sigpoll.soak] guest up in" in out.stderr
+    assert "sigpoll.soak: guest up in" in out.stderr
 
 
 @pytest.mark.parametrize("minutes", ["0", "-1", "soon", "100000"])

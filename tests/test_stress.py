@@ -106,6 +106,8 @@ def test_terminal_run_prints_the_dump_and_a_summary() -> None:
     out = run.output
     assert run.exitstatus == 0
     assert len(DUMP_LINE.findall(out[:200_000])) > 1000, out[:500]
+    header, _, out = out.partition(b"\n")  # what the run does, said before it starts
+    assert header.startswith(b"xxd /dev/zero into this terminal; each mode stops after 3 s")
     assert out.startswith(zero_chunk(0, 1 << 16)[:100_000])
     summary = summary_of(out)
     assert "into this terminal" in summary
@@ -122,9 +124,11 @@ def test_bytes_in_terminal_writes_exactly_that_much_dump() -> None:
     run = run_in_terminal([*TOOL, "--bytes", str(nbytes)])
     assert run.exitstatus == 0
     dump = zero_chunk(0, (nbytes // 68 + 2) * 16)[:nbytes]
-    assert run.output.startswith(dump)
+    header, _, output = run.output.partition(b"\n")
+    assert header.startswith(b"xxd /dev/zero into this terminal")
+    assert output.startswith(dump)
     # The dump stopped mid-line, so the summary starts on a fresh line after it.
-    assert run.output[nbytes : nbytes + 20] == b"\nxxd /dev/zero into "
+    assert output[nbytes : nbytes + 20] == b"\nxxd /dev/zero into "
     assert f"sigpoll  {nbytes:,}" in summary_of(run.output)
 
 
@@ -140,7 +144,7 @@ def test_sigint_stops_cleanly_with_the_summary_so_far() -> None:
     summary = summary_of(run.output)
     assert "Traceback" not in run.output.decode(errors="replace")
     assert "sigpoll: no stalls; interrupted" in summary
-    assert "tool-status=0" in summary
+    assert "tool-status=130" in summary  # the convention for a command stopped by ^C
     assert "flags-after nonblock=0 async=0" in summary
 
 
@@ -159,7 +163,8 @@ def test_json_compare_structure() -> None:
             continue
         assert entry["skipped"] is None
         assert entry["bytes"] > 0
-        assert entry["mb_per_s"] > 0
+        # bytes > 0 says it moved; the rate is rounded, and a naive run that stalls at once rounds to 0.0.
+        assert isinstance(entry["mb_per_s"], (int, float)) and entry["mb_per_s"] >= 0
         assert entry["stalls"] >= 0 and entry["longest_stall_ms"] >= 0
     sp = report["sigpoll"]
     assert sp["stalls"] == 0 and sp["longest_stall_ms"] == 0

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
+import sys
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sigpoll._termfilter import MAX_PENDING, RESET_SEQUENCE, TerminalFilter
+from sigpoll._termfilter import MAX_PENDING, TerminalFilter
 
 
 def run_filter(data: bytes, cuts: list[int] | None = None) -> tuple[bytes, TerminalFilter]:
@@ -108,8 +108,8 @@ def test_console_cli_filters_guest_output_and_resets_modes_on_detach(tmp_path: A
         "printf 'visible\\033]52;c;c2VjcmV0\\007\\033[21t\\033[?1049hdone\\n'; sleep 30\n"
     )
     child = pexpect.spawn(
-        "python3", ["-m", "sigpoll.console", "run", "--", "sh", str(script)],
-        env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=30,
+        sys.executable, ["-m", "sigpoll.console", "run", "--", "sh", str(script)],
+        timeout=30,
     )
     try:
         child.expect("done")
@@ -119,8 +119,10 @@ def test_console_cli_filters_guest_output_and_resets_modes_on_detach(tmp_path: A
         child.sendcontrol("]")
         child.expect(pexpect.EOF)
         tail = child.before
-        assert RESET_SEQUENCE in tail  # ...and left on detach
-        assert b"kept 1 osc, 1 csi control sequence(s)" in tail
+        assert tail.startswith(b"\r\n\x1b[?1049l")  # ...and left on detach
+        assert b"\x1b[r" not in tail and b"\x1b[?25h" not in tail  # nothing it did not change
+        assert (b"blocked 2 control sequences the console sent to your terminal: "
+                b"1 OSC (clipboard, colours, fonts), 1 CSI (window, reports)") in tail
     finally:
         child.close(force=True)
 
@@ -128,8 +130,8 @@ def test_console_cli_filters_guest_output_and_resets_modes_on_detach(tmp_path: A
 def test_raw_passes_everything(tmp_path: Any) -> None:
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(
-        "python3", ["-m", "sigpoll.console", "run", "--raw", "--", "printf", "x\\033]52;c;eA==\\007y"],
-        env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=30,
+        sys.executable, ["-m", "sigpoll.console", "run", "--raw", "--", "printf", "x\\033]52;c;eA==\\007y"],
+        timeout=30,
     )
     try:
         child.expect(pexpect.EOF)
@@ -143,8 +145,8 @@ def test_bridge_feeds_the_log_unfiltered(tmp_path: Any) -> None:
     pexpect = pytest.importorskip("pexpect")
     log = tmp_path / "console.log"
     child = pexpect.spawn(
-        "python3", ["-m", "sigpoll.console", "run", "--log", str(log), "--", "printf", "a\\033]52;c;eA==\\007b"],
-        env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=30,
+        sys.executable, ["-m", "sigpoll.console", "run", "--log", str(log), "--", "printf", "a\\033]52;c;eA==\\007b"],
+        timeout=30,
     )
     try:
         child.expect(pexpect.EOF)
@@ -152,3 +154,40 @@ def test_bridge_feeds_the_log_unfiltered(tmp_path: Any) -> None:
     finally:
         child.close(force=True)
     assert b"a\x1b]52;c;eA==\x07b" in log.read_bytes()
+
+
+# -- what detach puts back -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output, reset", [
+    (b"plain text\r\n\x1b[1;31mred\x1b[0m done", b""),  # nothing changed: nothing sent
+    (b"\x1b[?1049hfull screen", b"\x1b[?1049l"),
+    (b"\x1b[?1049h\x1b[?1049l", b""),
+    (b"\x1b[?47h", b"\x1b[?47l"),
+    (b"\x1b[5;20r", b"\x1b7\x1b[r\x1b8"),  # the region, with the cursor kept
+    (b"\x1b[5;20r\x1b[r", b""),
+    (b"\x1b[?25l", b"\x1b[?25h"),
+    (b"\x1b[?1000;1006h\x1b[?2004h", b"\x1b[?1000l\x1b[?1006l\x1b[?2004l"),
+    (b"\x1b[?1h\x1b=", b"\x1b[?1l\x1b>"),
+    (b"\x1b[?7l", b"\x1b[?7h"),
+    (b"\x1b[4h", b"\x1b[4l"),
+    (b"\x1b[1;4;31mx", b"\x1b[0m"),
+    (b"\x1b[5 q", b"\x1b[0 q"),
+    (b"\x1b(0lqk", b"\x1b(B"),
+    (b"\x1b)0\x0e", b"\x0f"),
+    (b"\x1b[?1049h\x1b[3;9r\x1b[?25l\x1b[33m", b"\x1b7\x1b[r\x1b8\x1b[0m\x1b[?1049l\x1b[?25h"),
+    (b"\x1b[?1049h\x1b[?25l\x1bc", b""),  # a full reset undid it all already
+])
+def test_detach_puts_back_only_what_the_output_changed(output: bytes, reset: bytes) -> None:
+    for cut in range(len(output) + 1):
+        f = TerminalFilter()
+        f.feed(output[:cut])
+        f.feed(output[cut:])
+        assert f.reset_sequence() == reset, (output, cut)
+
+
+def test_blocked_summary_wording() -> None:
+    out, f = run_filter(b"\x1b]52;c;eA==\x07")
+    assert f.summary() == ("blocked 1 control sequence the console sent to your terminal: "
+                           "1 OSC (clipboard, colours, fonts) (--raw lets them through)")
+    assert TerminalFilter().summary() == ""

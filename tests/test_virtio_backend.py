@@ -476,5 +476,17 @@ def test_open_port_streams_and_emergency_write(run: Any, tmp_path: Any) -> None:
     run(main(), timeout=30)
 
 
+def test_emergency_writes_with_no_room_are_dropped_and_counted() -> None:
+    """The emergency character bypasses the rings, so a guest writing it in a loop cannot
+    be made to wait: with no host reader the backlog bound holds and the rest is counted."""
+    from sigpoll.virtio._console import UNCONNECTED_BACKLOG
+
+    device = ConsoleDevice()
+    for _ in range(UNCONNECTED_BACKLOG + 1000):
+        device.write_config(8, b"!\0\0\0")
+    assert device.emergency_bytes == UNCONNECTED_BACKLOG
+    assert device.emergency_dropped == 1000
+
+
 def test_header_constant() -> None:
     assert HEADER.size == 12

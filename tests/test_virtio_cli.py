@@ -110,7 +110,7 @@ def test_cli_serves_stdio_and_a_unix_port_to_frontends_one_after_another(
         client.close()
 
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=30) == 143
         assert proc.stderr is not None
         err = proc.stderr.read().decode()
         assert "Traceback" not in err, err

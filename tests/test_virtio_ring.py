@@ -19,14 +19,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sigpoll.virtio._memory import GuestMemory, MemoryFault
 from sigpoll.virtio._vhost_user import VringAddr
 from sigpoll.virtio._virtqueue import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
     Chain,
-    GuestMemory,
-    MemoryFault,
     Virtqueue,
 )
 
@@ -172,7 +171,7 @@ def _one_chain(g: Guest, descs: list[tuple[int, int, int, int]], head: int = 0) 
         ([(GUEST - 16, 32, 0, 0)], 0, "outside every memory region"),  # straddles the start
         ([(GUEST + SIZE - 4, 8, 0, 0)], 0, "outside every memory region"),  # straddles the end
         ([(USER + DATA, 8, 0, 0)], 0, "outside every memory region"),  # a user address
-        ([(GUEST + DATA, 0xFFFFFFFF, 0, 0)], 0, "outside every memory region"),  # huge length
+        ([(GUEST + DATA, 0xFFFFFFFF, DESC_F_WRITE, 0)], 0, "outside every memory region"),  # huge length
         ([(0xFFFFFFFFFFFFFFF0, 0x20, 0, 0)], 0, "outside every memory region"),  # wraps
         ([(GUEST + DATA, 8, DESC_F_WRITE | DESC_F_NEXT, 1), (GUEST + DATA, 8, 0, 0)], 0, "readable buffer after"),
         ([(GUEST + DATA, 17, DESC_F_INDIRECT, 0)], 0, "indirect table"),  # not a multiple of 16
@@ -203,6 +202,23 @@ def test_nested_and_looping_indirect_tables() -> None:
     g.desc(1, GUEST + DATA, 4, DESC_F_NEXT, 0, table)  # back to 0
     assert _one_chain(g, [(GUEST + table, 32, DESC_F_INDIRECT, 0)]) is None
     assert "loops" in (g.q.broken or "")
+
+
+@pytest.mark.parametrize("copies", [16, 17])
+def test_repeated_descriptors_count_against_the_read_cap(copies: int) -> None:
+    """An indirect table naming the same 64 KiB again and again: each repeat is a copy."""
+    g = Guest()
+    g.q.max_chain_read = 16 * SIZE  # the region is 64 KiB; 16 repeats fill the cap exactly
+    table = g.alloc(16 * copies)
+    for i in range(copies):
+        g.desc(i, GUEST, SIZE, DESC_F_NEXT if i + 1 < copies else 0, i + 1, table)
+    chain = _one_chain(g, [(GUEST + table, 16 * copies, DESC_F_INDIRECT, 0)])
+    if copies == 16:
+        assert chain is not None and chain.readable_len == 16 * SIZE
+        assert len(chain.read_all()) == 16 * SIZE
+    else:
+        assert chain is None
+        assert "bytes to read" in (g.q.broken or "")
 
 
 def test_avail_index_running_ahead_of_the_ring_breaks_it() -> None:

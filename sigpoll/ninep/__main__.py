@@ -1,180 +1,223 @@
-"""``python -m sigpoll.ninep serve DIR [options]``: export a directory over 9P2000.L.
+"""``python -m sigpoll.ninep serve DIR`` (``sigpoll-ninep``): export a directory over 9P2000.L.
 
-Exactly one transport: ``--listen HOST:PORT`` (TCP), ``--unix PATH`` or ``--fd R[,W]``
-(one connection on inherited descriptors, as the kernel's trans=fd uses).  One log line
-per connection on stderr; SIGINT/SIGTERM end it cleanly with exit status 0.
+See ``_DESCRIPTION`` (what ``serve --help`` says).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import errno
 import logging
 import os
-import pwd
-import signal
+import socket
+import stat
 import sys
-from collections.abc import Callable
+from typing import Any
 
-from .._cli import add_busy_poll_option
-from .._loop import run
-from ._runas import drop_to as _drop_to
-from ._runas import resolve_user
-from ._server import DEFAULT_MSIZE, MIN_MSIZE, Limits, NinepServer
+from .._cli import (
+    CommandError,
+    Parser,
+    UsageError,
+    add_busy_poll_option,
+    add_verbosity_options,
+    check_fd,
+    integer,
+    listen_address,
+    real,
+    run_command,
+    setup_logging,
+    size,
+    unix_path,
+)
+from .._unixsock import listen_unix, remove_unix
+from ._runas import drop_to, resolve_user
+from ._server import DEFAULT_MSIZE, MIN_MSIZE, Limits, NinepServer, fd_limit
 
 __all__ = ["main"]
 
+#: What ``serve --help`` says about the command.
+_DESCRIPTION = """\
+Export DIR over 9P2000.L on exactly one transport: --listen HOST:PORT (TCP),
+--listen unix:PATH (a unix socket, mode 0600, only this user and root may connect;
+--unix PATH says the same) or --fd R[,W] (one connection on inherited descriptors, as
+the kernel's trans=fd uses: a socket, a tty, or a read pipe and a write pipe).
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # One line, status 2, no usage dump and no traceback.
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        raise SystemExit(2)
+One log line per connection on stderr (-q: none).  SIGINT and SIGTERM close every
+connection and exit with status 130 and 143; with --fd the command exits 0 when its one
+connection ends.  Exit status 2: the command line cannot be used."""
 
+log = logging.getLogger("sigpoll.ninep")
 
-def _hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+_MAX_MSIZE = 16 * 1024 * 1024
+_MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel
 
 
 def _fds(text: str) -> tuple[int, int]:
+    import argparse
+
     parts = text.split(",")
     if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"expected R or R,W, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected R or R,W (fd numbers), got {text!r}")
     r = int(parts[0])
     w = int(parts[1]) if len(parts) == 2 else r
     return r, w
 
 
-def _msize(text: str) -> int:
-    if not text.isdigit() or int(text) < MIN_MSIZE or int(text) > 16 * 1024 * 1024:
-        raise argparse.ArgumentTypeError(f"msize must be {MIN_MSIZE}..16777216, got {text!r}")
-    return int(text)
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(text)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m sigpoll.ninep", description="9P2000.L file server")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    s = sub.add_parser("serve", help="export a directory")
+def _parser() -> Parser:
+    p = Parser("sigpoll.ninep", description="A 9P2000.L file server.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    s = sub.add_parser("serve", help="export a directory", description=_DESCRIPTION)
     s.add_argument("dir", help="directory to export")
     t = s.add_mutually_exclusive_group(required=True)
-    t.add_argument("--listen", type=_hostport, metavar="HOST:PORT", help="TCP address")
-    t.add_argument("--unix", metavar="PATH", help="unix socket path")
-    t.add_argument("--fd", type=_fds, metavar="R[,W]", help="serve one connection on fds")
+    t.add_argument("--listen", type=listen_address, metavar="HOST:PORT|unix:PATH",
+                   help="a TCP address, or a unix socket (mode 0600, this user and root only)")
+    t.add_argument("--unix", type=unix_path, metavar="PATH", help="the same as --listen unix:PATH")
+    t.add_argument("--fd", type=_fds, metavar="R[,W]",
+                   help="serve one connection on inherited fds (a socket or tty, or two pipes)")
     s.add_argument("--read-only", action="store_true", help="refuse every change (EROFS)")
-    s.add_argument("--msize", type=_msize, default=DEFAULT_MSIZE, help="largest message")
+    s.add_argument("--msize", type=size(MIN_MSIZE, _MAX_MSIZE), default=DEFAULT_MSIZE,
+                   metavar="SIZE", help="largest message")
     s.add_argument("--security-model", choices=("mapped", "passthrough"), default="mapped",
-                   help="mapped (default): clients' owners, modes and device nodes are kept "
-                        "in an xattr of plain host files; passthrough: they are the host's "
-                        "(no devices, no set-id bits either way; see docs/ninep.md)")
-    s.add_argument("--squash-uid", type=int, metavar="UID",
-                   help="new files belong to UID on the host (and its --squash-gid); "
-                        "existing files are never re-owned")
-    s.add_argument("--squash-gid", type=int, metavar="GID")
+                   help="mapped: clients' owners, modes, device nodes and xattrs live in an "
+                        "xattr of plain host files; passthrough: owners and modes are the "
+                        "host's (either way no device node, set-id bit or privileged xattr "
+                        "reaches the host; see docs/ninep.md)")
+    s.add_argument("--squash-uid", type=integer(0, _MAX_ID), metavar="UID",
+                   help="new files belong to UID on the host (and its --squash-gid); files "
+                        "that exist are never re-owned")
+    s.add_argument("--squash-gid", type=integer(0, _MAX_ID), metavar="GID")
     s.add_argument("--user", metavar="USER",
                    help="once the export is open and the listener bound, run as USER "
-                        "(name or uid; needs root)")
-    s.add_argument("--workers", type=_positive, default=8,
+                        "(a name or a uid; needs root)")
+    s.add_argument("--workers", type=integer(1, 1024), default=8, metavar="N",
                    help="file system threads")
     d = Limits()
-    s.add_argument("--max-fids", type=_positive, default=d.max_fids,
-                   metavar="N", help=f"fids per connection, EMFILE past it ({d.max_fids})")
-    s.add_argument("--max-inflight", type=_positive,
-                   default=d.max_inflight, metavar="N",
-                   help="requests waiting for threads per connection; past it the "
-                        f"connection is not read ({d.max_inflight})")
-    s.add_argument("--max-connections", type=_positive,
-                   default=d.max_connections, metavar="N",
-                   help=f"connections at once; more are closed ({d.max_connections})")
-    s.add_argument("--max-queued-output", type=_positive,
-                   default=d.max_queued_output, metavar="BYTES",
-                   help="reply bytes queued for a client that does not read; past it "
-                        f"the connection is not read ({d.max_queued_output})")
+    s.add_argument("--max-fids", type=integer(1), default=d.max_fids, metavar="N",
+                   help="fids per connection, EMFILE past it")
+    s.add_argument("--max-inflight", type=integer(1), default=d.max_inflight, metavar="N",
+                   help="requests waiting for threads per connection; past it the connection is not read")
+    s.add_argument("--max-connections", type=integer(1), default=d.max_connections, metavar="N",
+                   help="connections at once; more are closed")
+    s.add_argument("--max-connections-per-peer", type=integer(1),
+                   default=d.max_connections_per_peer, metavar="N",
+                   help="connections from one address (a unix socket: one user) at once")
+    s.add_argument("--max-connection-memory", "--max-queued-output", type=size(1),
+                   dest="max_connection_memory", default=d.max_connection_memory, metavar="SIZE",
+                   help="bytes one connection's requests and unread replies may hold; past it "
+                        "the connection is not read (--max-queued-output: its old name)")
+    s.add_argument("--max-server-memory", type=size(1), default=d.max_server_memory,
+                   metavar="SIZE", help="the same for all connections together")
+    s.add_argument("--max-fds", type=integer(1), metavar="N",
+                   help="descriptors all fids may hold (default: RLIMIT_NOFILE less 64)")
+    s.add_argument("--max-connection-fds", type=integer(1), metavar="N",
+                   help="descriptors one connection's fids may hold (default: an eighth of --max-fds)")
+    s.add_argument("--version-timeout", type=real(0, above=True, what="a number of seconds"),
+                   default=d.version_timeout,
+                   metavar="SECONDS", help="close a connection that has not negotiated a version by then")
+    s.add_argument("--max-threads-per-peer", type=integer(1), metavar="N",
+                   help="worker threads one address's calls may hold (default: half of --workers)")
     s.add_argument("--no-inline", dest="inline", action="store_false",
-                   help="every file system call in a thread (for exports on file "
-                        "systems that may hang)")
+                   help="every file system call in a thread (for exports on file systems that may hang)")
     add_busy_poll_option(s)
-    s.add_argument("-q", "--quiet", action="store_true", help="no per-connection log")
+    add_verbosity_options(s)
     return p
 
 
-def _stopper(stop: asyncio.Future[None]) -> Callable[[], None]:
-    def fire() -> None:
-        if not stop.done():
-            stop.set_result(None)
+def _listen_error(where: str, exc: OSError) -> CommandError:
+    if isinstance(exc, FileExistsError):
+        reason = "the path exists and is not a socket (it is left alone)"
+    elif exc.errno == errno.EADDRINUSE:
+        reason = "another server is listening there"
+    else:
+        reason = exc.strerror or str(exc)
+    return UsageError(f"cannot listen on {where}: {reason}")
 
-    return fire
 
-
-async def _serve(args: argparse.Namespace, user: pwd.struct_passwd | None = None) -> None:
+async def _serve(args: Any) -> int:
+    fd_limit()  # as high as the hard limit allows: the fids' budget comes from it
     limits = Limits(max_fids=args.max_fids, max_inflight=args.max_inflight,
                     max_connections=args.max_connections,
-                    max_queued_output=args.max_queued_output)
-    server = NinepServer(args.dir, read_only=args.read_only, msize=args.msize,
-                         squash_uid=args.squash_uid, squash_gid=args.squash_gid,
-                         workers=args.workers, limits=limits, inline=args.inline,
-                         security_model=args.security_model)
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, _stopper(stop))
-    log = logging.getLogger("sigpoll.ninep")
+                    max_connections_per_peer=args.max_connections_per_peer,
+                    max_connection_memory=args.max_connection_memory,
+                    max_server_memory=args.max_server_memory, max_fds=args.max_fds,
+                    max_connection_fds=args.max_connection_fds,
+                    version_timeout=args.version_timeout,
+                    max_threads_per_peer=args.max_threads_per_peer)
     try:
-        if args.listen:
-            srv = await server.start_tcp(*args.listen)
-            if user is not None:
-                _drop_to(user)
-            host, port = srv.sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
-            log.info("ninep: serving %s on %s:%d", args.dir, host, port)
-            await stop
-        elif args.unix:
-            await server.start_unix(args.unix)
-            if user is not None:
-                _drop_to(user)
-            log.info("ninep: serving %s on %s", args.dir, args.unix)
-            await stop
+        server = NinepServer(args.dir, read_only=args.read_only, msize=args.msize,
+                             squash_uid=args.squash_uid, squash_gid=args.squash_gid,
+                             workers=args.workers, limits=limits, inline=args.inline,
+                             security_model=args.security_model)
+    except OSError as exc:  # squash without root, no user.* xattrs for the mapped model
+        raise UsageError(f"cannot export {args.dir}: {exc.strerror or exc}") from None
+    listener: socket.socket | None = None
+    try:
+        if args.fd is not None:
+            if args.user is not None:
+                drop_to(args.user)
+            await server.serve_fds(*args.fd)
+            return 0
+        kind, where = args.listen
+        if kind == "unix":
+            try:
+                listener = listen_unix(where, backlog=64)
+            except OSError as exc:
+                raise _listen_error(where, exc) from None
+            await server.start_socket(listener)
+            if args.user is not None:
+                drop_to(args.user)
+            log.info("serving %s on unix:%s", args.dir, where)
         else:
-            if user is not None:
-                _drop_to(user)
-            job = asyncio.ensure_future(server.serve_fds(*args.fd))
-            await asyncio.wait([job, stop], return_when=asyncio.FIRST_COMPLETED)
-            job.cancel()
+            host, port = where
+            try:
+                srv = await server.start_tcp(host, port)
+            except OSError as exc:
+                raise _listen_error(f"{host}:{port}", exc) from None
+            if args.user is not None:
+                drop_to(args.user)
+            bound = getattr(srv, "sockets")[0].getsockname()
+            log.info("serving %s on %s:%d", args.dir, bound[0], bound[1])
+        await asyncio.get_running_loop().create_future()  # until a signal cancels us
+        return 0
     finally:
         await server.close()
-        if args.unix:
-            try:
-                os.unlink(args.unix)
-            except OSError:
-                pass
+        if listener is not None:
+            remove_unix(listener)
+
+
+def _is_fifo(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    if not os.path.isdir(args.dir):
-        sys.stderr.write(f"python -m sigpoll.ninep: error: not a directory: {args.dir}\n")
-        return 2
+    setup_logging(args, own="sigpoll.ninep")
+    if args.unix is not None:
+        args.listen = ("unix", args.unix)
     try:
-        user = None if args.user is None else resolve_user(args.user, args.squash_uid,
-                                                            args.squash_gid)
-    except ValueError as exc:
-        sys.stderr.write(f"python -m sigpoll.ninep: error: {exc}\n")
-        return 2
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
-    try:
-        run(_serve(args, user), busy_poll_us=args.busy_poll_us)
-    except OSError as exc:
-        sys.stderr.write(f"python -m sigpoll.ninep: error: {exc}\n")
-        return 1
-    return 0
+        if not os.path.isdir(args.dir):
+            raise UsageError(f"not a directory: {args.dir}")
+        if args.fd is not None:
+            r, w = args.fd
+            if w == r and _is_fifo(r):
+                raise UsageError(f"--fd {r} is a pipe, which goes one way only: give a socket or "
+                                 "a tty, or a read pipe and a write pipe as --fd R,W")
+            check_fd(r, read=True, write=w == r, what=f"--fd {r}")
+            if w != r:
+                check_fd(w, write=True, what=f"--fd {r},{w}: fd {w}")
+        if args.user is not None:
+            try:
+                args.user = resolve_user(args.user, args.squash_uid, args.squash_gid)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+    except UsageError as exc:
+        log.error("%s", exc.message)
+        return exc.status
+    return run_command(_serve(args), busy_poll_us=args.busy_poll_us, logger=log)
 
 
 if __name__ == "__main__":

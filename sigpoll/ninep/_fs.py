@@ -614,29 +614,39 @@ class Export:
 
     def readdir(self, dirfd: int, h: Handle) -> list[Dirent]:
         """The whole directory, ``.`` and ``..`` first; offsets are 1-based positions."""
-        st = os.fstat(h.fd)
-        if not stat.S_ISDIR(st.st_mode):
-            raise OSError(errno.ENOTDIR, "not a directory")
-        out: list[Dirent] = [Dirent(self.qid(st), 1, 4, ".")]
-        if h.path and not self._is_root(st):
-            pst = os.stat("..", dir_fd=h.fd)
-        else:
-            pst = st
-        out.append(Dirent(self.qid(pst), 2, 4, ".."))
-        here = _PROC_FD + str(dirfd) + "/"
+        out: list[Dirent] = []
+        names = [".", ".."]
         with os.scandir(dirfd) as it:
-            for ent in it:
-                try:
-                    est = ent.stat(follow_symlinks=False)
-                    if self.mapped and stat.S_ISREG(est.st_mode):
-                        # The record says what the client sees: a symlink, a device...
-                        a = self._attr(est, here + ent.name, entry=True)
-                        if a is not None:
-                            est = _restat(est, a)
-                except FileNotFoundError:
-                    continue
-                out.append(Dirent(self.qid(est), len(out) + 1, _dtype(est.st_mode), ent.name))
+            names.extend(ent.name for ent in it)
+        for name in names:
+            found = self.entry(dirfd, h, name)
+            if found is not None:
+                out.append(Dirent(found[0], len(out) + 1, found[1], name))
         return out
+
+    def entry(self, dirfd: int, h: Handle, name: str) -> tuple[Qid, int] | None:
+        """The qid and directory-entry type of ``name`` in the directory ``h`` (open as
+        ``dirfd``), as a client is to see them; None if it is gone.  ``..`` of the export
+        root is the root."""
+        try:
+            if name == ".":
+                st = os.fstat(h.fd)
+                if not stat.S_ISDIR(st.st_mode):
+                    raise OSError(errno.ENOTDIR, "not a directory")
+            elif name == "..":
+                st = os.fstat(h.fd)
+                if h.path and not self._is_root(st):
+                    st = os.stat("..", dir_fd=h.fd)
+            else:
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                if self.mapped and stat.S_ISREG(st.st_mode):
+                    # The record says what the client sees: a symlink, a device...
+                    a = self._attr(st, _PROC_FD + str(dirfd) + "/" + name, entry=True)
+                    if a is not None:
+                        st = _restat(st, a)
+        except FileNotFoundError:
+            return None
+        return self.qid(st), _dtype(st.st_mode)
 
     def remove(self, h: Handle) -> None:
         self._writable()

@@ -19,12 +19,14 @@ import os
 import pwd
 import stat
 import struct
+import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, Union
 
 from . import _codec as c
 from ._codec import Message, ProtocolError
+from ._budget import Account
+from ._dirents import read_entries
 from ._fs import Export, Handle
 from ._session import FidTable, Reply
 
@@ -49,6 +51,8 @@ _RGETATTR = c.prefix_struct(c.Rgetattr)    # a whole Rgetattr
 _RWRITE = c.prefix_struct(c.Rwrite)        # a whole Rwrite
 _RCLUNK = c.prefix_struct(c.Rclunk)        # a whole Rclunk
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+#: Unused bytes an Rread may keep at the end of its buffer before it is copied out.
+_KEEP_SLACK = 4096
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -66,30 +70,51 @@ class Serving(Protocol):
 
     #: The msize negotiated on the connection.
     msize: int
+    #: The connection's share of the server's budgets (fds, fid state).
+    account: Account
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T: ...
 
 
-@dataclass(eq=False)
 class FileFid:
-    """A fid: a handle on a file inside the export, and what was opened through it."""
+    """A fid: a handle on a file inside the export, and what was opened through it.
 
-    handle: Handle | None
-    uid: int
-    open_fd: int | None = None
-    dirents: list[c.Dirent] | None = None
-    xattr: bytes | None = None
-    # (name, declared size, flags, buffer) while a Txattrcreate fid is being written.
-    xattr_new: tuple[str, int, int, bytearray] | None = None
-    refs: int = 0
-    clunked: bool = False
-    #: The open file is a regular file (reads and writes may run inline).
-    regular: bool = False
-    #: The file system answers RWF_NOWAIT reads (tried until it says EOPNOTSUPP).
-    nowait: bool = True
-    #: Set-id bits still to be cleared before this fid's first write (its uid is not
-    #: root's, so it writes as Linux's callers without CAP_FSETID do: Export.drop_setid).
-    drop_setid: bool = False
+    It counts the fds it keeps open (its handle's from the start) and the bytes of state
+    it keeps in ``account`` (the connection's), and gives them back when it closes.
+    """
+
+    __slots__ = ("handle", "uid", "account", "fds", "state", "open_fd", "xattr",
+                 "xattr_new", "refs", "clunked", "regular", "nowait", "dir_lock", "drop_setid")
+
+    def __init__(self, handle: Handle, uid: int, account: Account,
+                 xattr: bytes | None = None) -> None:
+        self.handle: Handle | None = handle
+        self.uid = uid
+        self.account = account
+        #: Descriptors it keeps open (its handle's, its open file's), and state bytes.
+        self.fds = 1
+        account.fds_used += 1  # Account.add_fds(1), spelled out: a walk makes one of these
+        account.share.fds_used += 1
+        account.budget.fds_used += 1
+        self.state = 0
+        self.open_fd: int | None = None
+        self.xattr = xattr
+        #: (name, declared size, flags, buffer) while a Txattrcreate fid is being written.
+        self.xattr_new: tuple[str, int, int, bytearray] | None = None
+        self.refs = 0
+        self.clunked = False
+        #: The open file is a regular file (reads and writes may run inline).
+        self.regular = False
+        #: The file system answers RWF_NOWAIT reads (tried until it says EOPNOTSUPP).
+        self.nowait = True
+        #: Made by the first Treaddir (on the loop thread): one reader of the position at once.
+        self.dir_lock: threading.Lock | None = None
+        #: Set-id bits still to be cleared before this fid's first write (its uid is not
+        #: root's, so it writes as Linux's callers without CAP_FSETID do: Export.drop_setid).
+        self.drop_setid = False
+
+    def __repr__(self) -> str:
+        return f"<FileFid {self.handle!r} open={self.open_fd} refs={self.refs}>"
 
     def close(self) -> None:
         if self.open_fd is not None:
@@ -98,7 +123,34 @@ class FileFid:
         if self.handle is not None:
             self.handle.close()
             self.handle = None
-        self.dirents = None
+        account = self.account
+        if self.fds:
+            account.add_fds(-self.fds)
+            self.fds = 0
+        if self.state:
+            account.drop_state(self.state)
+            self.state = 0
+
+    def read_dir(self, fs: Export, fd: int, offset: int, limit: int) -> list[c.Dirent]:
+        """Entries of the open directory from ``offset`` (a worker's call: the position
+        belongs to the open file, so one reader at a time)."""
+        assert self.dir_lock is not None
+        with self.dir_lock:
+            return read_entries(fs, fd, self.the_handle(), offset, limit)
+
+    def opened(self, fd: int) -> None:
+        """Keep ``fd`` as the open file."""
+        self.open_fd = fd
+        self.fds += 1
+        self.account.add_fds(1)
+
+    def hold_state(self, n: int) -> None:
+        """Keep ``n`` more bytes (ENOMEM past the connection's limit); negative: fewer."""
+        if n > 0:
+            self.account.hold_state(n)
+        else:
+            self.account.drop_state(-n)
+        self.state += n
 
     def the_handle(self) -> Handle:
         if self.handle is None:
@@ -153,7 +205,7 @@ def error_reply(exc: BaseException, msg: Message) -> c.Rlerror:
         # time past time_t): Python ints never overflow on their own, so it is the input.
         err = errno.EINVAL
     else:  # a bug must not kill the connection
-        log.error("ninep: %s failed", type(msg).__name__, exc_info=exc)
+        log.error("%s failed", type(msg).__name__, exc_info=exc)
         err = errno.EIO
     return c.Rlerror(err, tag=msg.tag)
 
@@ -196,6 +248,19 @@ def _iounit(ctx: Serving) -> int:
     return ctx.msize - IOHDRSZ
 
 
+def _new_fid(ctx: Serving, h: Handle, uid: int, xattr: bytes | None = None) -> FileFid:
+    """A fid for the new handle ``h``, its fd counted on the connection."""
+    return FileFid(h, uid, ctx.account, xattr)
+
+
+def _fd_room(ctx: Serving) -> None:
+    """Raise EMFILE/ENFILE unless one more fd fits this connection's and server's budget."""
+    a = ctx.account
+    if (a.fds_used >= a.fds or a.share.fds_used >= a.share.fds
+            or a.budget.fds_used >= a.budget.fds):  # Account.room_for_fds(), spelled out
+        a.check_fds()
+
+
 # ---------------------------------------------------------------------------- session
 
 
@@ -211,6 +276,7 @@ async def _attach(ctx: Serving, m: c.Tattach, fids: Fids) -> Reply:
     if m.afid != c.NOFID:
         raise OSError(errno.EINVAL, "no authentication fids")
     fids.check_new(m.fid)
+    _fd_room(ctx)
     fs = ctx.fs
     # The aname may be the export's own path, or a directory inside it.
     aname = m.aname
@@ -239,7 +305,7 @@ async def _attach(ctx: Serving, m: c.Tattach, fids: Fids) -> Reply:
             raise
 
     h, qid = await ctx.call(go)
-    fids.install(m.fid, FileFid(h, _uid_for(m.uname, m.n_uname)))
+    fids.install(m.fid, _new_fid(ctx, h, _uid_for(m.uname, m.n_uname)))
     return c.Rattach(qid)
 
 
@@ -285,9 +351,9 @@ def _walk_done(ctx: Serving, m: c.Twalk, fids: Fids, f: FileFid, h: Handle | Non
         raise OSError(errno.EBADF, "connection closed")
     if m.newfid == m.fid:
         # In place; a concurrent user keeps the old handle alive.
-        fids.replace(m.fid, FileFid(h, f.uid))
+        fids.replace(m.fid, _new_fid(ctx, h, f.uid))
     else:
-        fids.install(m.newfid, FileFid(h, f.uid))
+        fids.install(m.newfid, _new_fid(ctx, h, f.uid))
     return c.Rwalk(qids)
 
 
@@ -296,6 +362,7 @@ async def _walk(ctx: Serving, m: c.Twalk, fids: Fids) -> Reply:
     with fids.borrowed(m.fid) as f:
         if m.newfid != m.fid:
             fids.check_new(m.newfid)
+        _fd_room(ctx)
         # Walking from an open fid is allowed (diodls lists a directory that way); the
         # walk only uses the O_PATH handle, never the open file.
         h, qids, err = await ctx.call(_walk_work, ctx.fs, f.the_handle(), m.wnames)
@@ -308,6 +375,7 @@ def _walk_fast(ctx: Serving, m: c.Twalk, fids: Fids) -> Reply:
     try:
         if m.newfid != m.fid:
             fids.check_new(m.newfid)
+        _fd_room(ctx)
         h, qids, err = _walk_work(ctx.fs, f.the_handle(), m.wnames)
     finally:
         fids.give_back(f)
@@ -321,7 +389,7 @@ def _opened(ctx: Serving, f: FileFid, fd: int, st: os.stat_result) -> Reply:
     if f.clunked or f.open_fd is not None:
         os.close(fd)
         raise OSError(errno.EBADF, "fid went away meanwhile")
-    f.open_fd = fd
+    f.opened(fd)
     f.regular = stat.S_ISREG(st.st_mode)
     f.drop_setid = f.regular and f.uid != 0
     return c.Rlopen(ctx.fs.qid(st), _iounit(ctx))
@@ -336,16 +404,17 @@ def _open_fd(fs: Export, h: Handle, flags: int) -> tuple[int, os.stat_result]:
         raise
 
 
-def _openable(f: FileFid) -> Handle:
+def _openable(ctx: Serving, f: FileFid) -> Handle:
     if f.open_fd is not None or f.xattr is not None:
         raise OSError(errno.EBUSY, "fid already open")
+    _fd_room(ctx)
     return f.the_handle()
 
 
 @handles(c.Tlopen)
 async def _lopen(ctx: Serving, m: c.Tlopen, fids: Fids) -> Reply:
     with fids.borrowed(m.fid) as f:
-        fd, st = await ctx.call(_open_fd, ctx.fs, _openable(f), m.flags)
+        fd, st = await ctx.call(_open_fd, ctx.fs, _openable(ctx, f), m.flags)
         return _opened(ctx, f, fd, st)
 
 
@@ -353,7 +422,7 @@ async def _lopen(ctx: Serving, m: c.Tlopen, fids: Fids) -> Reply:
 def _lopen_fast(ctx: Serving, m: c.Tlopen, fids: Fids) -> Reply | None:
     f = fids.borrow(m.fid)
     try:
-        h = _openable(f)
+        h = _openable(ctx, f)
         # Only files whose open cannot wait for another party (a fifo's open waits for
         # its other end, a device's open may do anything): those go to the pool.
         mode = retry_eintr(ctx.fs.stat, h).st_mode
@@ -370,6 +439,7 @@ async def _lcreate(ctx: Serving, m: c.Tlcreate, fids: Fids) -> Reply:
     with fids.borrowed(m.fid) as f:
         if f.open_fd is not None:
             raise OSError(errno.EBUSY, "fid already open")
+        _fd_room(ctx)
         d = f.the_handle()
         fs = ctx.fs
 
@@ -390,7 +460,7 @@ async def _lcreate(ctx: Serving, m: c.Tlcreate, fids: Fids) -> Reply:
         # Tlcreate turns the directory fid into the new, open file.
         old = f.handle
         f.handle = h
-        f.open_fd = fd
+        f.opened(fd)
         f.regular = stat.S_ISREG(st.st_mode)
         f.drop_setid = f.regular and f.uid != 0
         if old is not None:
@@ -578,7 +648,12 @@ def _rread_frame(count: int) -> bytearray:
 
 def _rread_seal(buf: bytearray, tag: int, n: int) -> Reply:
     _RREAD.pack_into(buf, 0, _RREAD.size + n, c.Rread.TYPE, tag, n)
-    return memoryview(buf)[:_RREAD.size + n]
+    size = _RREAD.size + n
+    if len(buf) - size > _KEEP_SLACK:
+        # A short read (the end of the file): a reply of its own size, so that a few
+        # bytes queued for a slow client do not keep a buffer the size of the count.
+        return bytes(memoryview(buf)[:size])
+    return memoryview(buf)[:size]
 
 
 def pread_into(fd: int, buf: bytearray, got: int, count: int, offset: int,
@@ -709,13 +784,12 @@ def _write_fast(ctx: Serving, m: c.Twrite, fids: Fids) -> Reply | None:
 async def _readdir(ctx: Serving, m: c.Treaddir, fids: Fids) -> Reply:
     with fids.borrowed(m.fid) as f:
         fd = _open_of(f)
-        h = f.the_handle()
-        if m.offset == 0 or f.dirents is None:
-            # A fresh listing at offset 0; later offsets index into that snapshot so a
-            # directory changing under a reader never repeats or skips entries.
-            f.dirents = await ctx.call(ctx.fs.readdir, fd, h)
-        entries = f.dirents[m.offset:] if m.offset < len(f.dirents) else []
+        if f.dir_lock is None:
+            f.dir_lock = threading.Lock()
         limit = min(m.count, ctx.msize - RW_OVERHEAD)
+        # Read from the kernel's own position each time: nothing is kept between two
+        # Treaddirs, however large the directory (see _dirents).
+        entries = await ctx.call(f.read_dir, ctx.fs, fd, m.offset, limit)
         data, _ = c.encode_dirents(entries, limit)
         return c.Rreaddir(data)
 
@@ -763,9 +837,16 @@ async def _remove(ctx: Serving, m: c.Tremove, fids: Fids) -> Reply:
 async def _xattrwalk(ctx: Serving, m: c.Txattrwalk, fids: Fids) -> Reply:
     with fids.borrowed(m.fid) as f:
         fids.check_new(m.newfid)
+        _fd_room(ctx)
         h = f.the_handle()
         value = await ctx.call(ctx.fs.getxattr, h, _no_nul(m.name, "xattr name"))
-        fids.install(m.newfid, FileFid(ctx.fs.clone(h), f.uid, xattr=value))
+        x = _new_fid(ctx, ctx.fs.clone(h), f.uid, xattr=value)
+        try:
+            x.hold_state(len(value))  # kept on the new fid until it is clunked: it counts
+        except OSError:
+            x.close()
+            raise
+        fids.install(m.newfid, x)
         return c.Rxattrwalk(len(value))
 
 
@@ -776,8 +857,13 @@ async def _xattrcreate(ctx: Serving, m: c.Txattrcreate, fids: Fids) -> Reply:
             raise OSError(errno.EROFS, "read-only export")
         if m.attr_size > XATTR_SIZE_MAX:
             raise OSError(errno.E2BIG, "xattr value too large")
+        # The value arrives in Twrites on this fid and is applied when it is clunked; its
+        # declared size counts from now on.
         name = _no_nul(m.name, "xattr name")
         ctx.fs.check_xattr_name(name)  # a name the security model refuses fails here
-        # The value arrives in Twrites on this fid and is applied when it is clunked.
+        if f.xattr_new is not None:
+            f.hold_state(-f.xattr_new[1])
+        f.xattr_new = None
+        f.hold_state(m.attr_size)
         f.xattr_new = (name, m.attr_size, m.flags, bytearray())
         return c.Rxattrcreate()

@@ -196,7 +196,7 @@ class Request:
         self.epoch = epoch
         #: The fid table of that session (a late finisher never touches a newer one).
         self.fids = fids
-        #: Bytes the connection holds for it (its own bookkeeping, not a session rule).
+        #: Bytes the connection holds for it (see Session.receive's ``held``).
         self.held = 0
 
     def __repr__(self) -> str:
@@ -240,25 +240,35 @@ class Session(Generic[F]):
         #: No more input is taken (the connection is closing or closed).
         self.closed = False
         self._actions: list[Action] = []
+        #: Bytes of messages that are over, not yet taken (see :meth:`take_freed`).
+        self.freed = 0
 
     # ------------------------------------------------------------------ events in
 
-    def receive(self, msg: Message) -> Request | None:
+    def receive(self, msg: Message, held: int = 0) -> Request | None:
         """Take one T-message.  Returns a queued request for the connection to run
-        (start it with :meth:`start`), or None when the session dealt with it."""
+        (start it with :meth:`start`), or None when the session dealt with it (see also
+        :meth:`may_answer`, for a message answered before the next one is taken).
+
+        ``held``: bytes the connection holds for this message; :meth:`take_freed` hands
+        them back once the message is over (answered, aborted or dropped), whatever it
+        became: the connection need not know which messages wait inside the session.
+        """
         tag = msg.tag
         cls = type(msg)
         # The common case first: a request of a live session under a free tag.
         if (tag in self.pending or not self.versioned or cls.REPLY is None or self.closed
                 or cls is Tversion or cls is Tflush):
-            self._unusual(msg)
+            self._unusual(msg, held)
             return None
         req = Request(msg, QUEUED, self.epoch, self.fids)
+        req.held = held
         self.pending[tag] = req
         return req
 
-    def _unusual(self, msg: Message) -> None:
+    def _unusual(self, msg: Message, held: int) -> None:
         tag = msg.tag
+        self.freed += held  # unless it becomes a waiting Tflush (below)
         if self.closed:
             return
         if isinstance(msg, c.Tversion):
@@ -273,11 +283,15 @@ class Session(Generic[F]):
         elif not self.versioned:
             self._send(c.Rlerror(errno.EPROTO, tag=tag))
         elif isinstance(msg, c.Tflush):
-            self._flush(msg)
+            flush = self._flush(msg)
+            if flush is not None:
+                self.freed -= held
+                flush.held = held
 
-    def reject(self, tag: int | None, err: int) -> None:
+    def reject(self, tag: int | None, err: int, held: int = 0) -> None:
         """A frame that did not decode (``tag`` None: not even its header): answer it
         with Rlerror(``err``), unless its tag is in flight (then no reply is safe)."""
+        self.freed += held
         if self.closed or tag is None:
             return
         if tag in self.pending:
@@ -298,19 +312,27 @@ class Session(Generic[F]):
         if pending.get(req.tag) is req:
             del pending[req.tag]
         req.state = DONE
+        if req.held:
+            self.freed += req.held
+            req.held = 0
         if req.epoch == self.epoch and not self.closed:
             self._actions.append(reply)
         if req.flushers:
             self._answer_flushes(req)
 
-    def answered_at_once(self, req: Request) -> bool:
-        """:meth:`complete` for a request answered before the next message was taken
-        (nothing can have flushed it or started a new session meanwhile): True, send the
-        reply yourself; False, send nothing (the session is closed)."""
-        if self.pending.get(req.tag) is req:
-            del self.pending[req.tag]
-        req.state = DONE
-        return not self.closed
+    def may_answer(self, msg: Message) -> bool:
+        """For a connection that would answer ``msg`` before it takes the next message
+        (its inline path): True if that is allowed -- a request of a live session under
+        a free tag -- and then the session registers nothing, since nothing can come
+        between it and its reply; the connection sends the reply itself, or, if it turns
+        out the request must wait after all, hands it to :meth:`receive`.  False: the
+        session dealt with ``msg`` as :meth:`receive` would have."""
+        cls = type(msg)
+        if (msg.tag in self.pending or not self.versioned or cls.REPLY is None or self.closed
+                or cls is Tversion or cls is Tflush):
+            self._unusual(msg, 0)
+            return False
+        return True
 
     def _answer_flushes(self, req: Request) -> None:
         # Depth first, in arrival order: each Rflush, then the Rflushes waiting on it; a
@@ -336,6 +358,12 @@ class Session(Generic[F]):
         actions, self._actions = self._actions, []
         return actions
 
+    def take_freed(self) -> int:
+        """Bytes (see :meth:`receive`) of messages that are over since the last call
+        (also readable, and to be reset, as :attr:`freed`)."""
+        freed, self.freed = self.freed, 0
+        return freed
+
     # ------------------------------------------------------------------ rules
 
     def _send(self, reply: Reply) -> None:
@@ -352,6 +380,10 @@ class Session(Generic[F]):
                 self._actions.append(Abort(req))
             elif req.state is WAITING:
                 req.state = DONE
+            else:
+                continue  # running: it gives its bytes back when it completes
+            self.freed += req.held
+            req.held = 0
         self.pending = {}
         self.fids.close_all()
 
@@ -372,21 +404,25 @@ class Session(Generic[F]):
         self.versioned = True
         self._send(c.Rversion(msize, c.VERSION_9P2000L, tag=msg.tag))
 
-    def _flush(self, msg: c.Tflush) -> None:
+    def _flush(self, msg: c.Tflush) -> Request | None:
+        """A Tflush: answered now (None), or the request that waits for its target."""
         target = self.pending.get(msg.oldtag)
         if target is None:
             # Nothing pending under that tag (already answered, never sent, or the flush
             # names itself): the flush is trivially done.
             self._send(c.Rflush(tag=msg.tag))
-            return
+            return None
         if target.state is QUEUED:
             # Not started: drop it, silently, and the flush is done.
             del self.pending[target.tag]
             target.state = ABORTED
+            self.freed += target.held
+            target.held = 0
             self._actions.append(Abort(target))
             self._send(c.Rflush(tag=msg.tag))
-            return
+            return None
         # Running (or itself a waiting Tflush): its answer comes first, then this one.
         flush = Request(msg, WAITING, self.epoch, self.fids)
         self.pending[msg.tag] = flush
         target.flushers += (flush,)
+        return flush

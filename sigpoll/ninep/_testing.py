@@ -21,7 +21,7 @@ from ._handlers import Handler
 from ._server import NinepServer, _Connection
 from ._session import ABORTED, Reply, Request
 
-__all__ = ["HoldHook", "HoldingServer", "RawClient", "DiodProcess", "free_port", "find_diod_tool", "serve_tcp", "until"]
+__all__ = ["HoldHook", "HoldingServer", "wait_listening", "RawClient", "DiodProcess", "free_port", "find_diod_tool", "serve_tcp", "until"]
 
 
 class HoldHook:
@@ -175,6 +175,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_listening(port: int, proc: subprocess.Popen[Any], timeout: float = 10) -> bool:
+    """Wait until ``proc`` accepts connections on loopback ``port``: True, or False if it
+    exited or ``timeout`` seconds passed first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return True
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
 def find_diod_tool(name: str) -> str | None:
     """Path of a diod program (they live in /usr/sbin on Debian)."""
     return shutil.which(name) or next(
@@ -196,17 +210,10 @@ class DiodProcess:
              "-e", export, *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                    self.stop()
-                    raise RuntimeError(f"diod did not start: {err}") from None
-                time.sleep(0.05)
+        if not wait_listening(self.port, self.proc):
+            err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+            self.stop()
+            raise RuntimeError(f"diod did not start: {err}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -27,6 +27,8 @@ __all__ = ["STALL_SECONDS", "SoakReport", "soak"]
 
 #: A stream that moves nothing for this long, while it should, counts as a stall.
 STALL_SECONDS = 5.0
+# How long an interrupted soak gives its guest to power off before it is killed.
+_STOP_WHEN_CANCELLED = 1.0
 
 
 @dataclass
@@ -62,6 +64,9 @@ class SoakReport:
     fds: list[int] = field(default_factory=list)
     poller: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    #: Whether the counts are settled against the guest's own (at the end of a full run):
+    #: before that, ``lost`` is not known yet.
+    settled: bool = False
 
     @property
     def ok(self) -> bool:
@@ -268,12 +273,19 @@ async def soak(
     mem: str = "256M",
     interval: float = 5.0,
     status: Callable[[str], None] | None = None,
+    progress: Callable[[SoakReport], None] | None = None,
+    report: SoakReport | None = None,
 ) -> SoakReport:
-    """Run every backend under load for ``seconds`` against one UML guest and report."""
+    """Run every backend under load for ``seconds`` against one UML guest and report.
+
+    ``status`` gets a line for each event worth saying (boot, a stream that stops moving);
+    ``progress`` gets the report as it fills, twice a second.  Pass your own ``report`` to
+    keep what was counted if the soak is cancelled (it is then not :attr:`~SoakReport.settled`).
+    """
     from ..guest import Guest
 
     say = status or (lambda message: None)
-    report = SoakReport()
+    report = report if report is not None else SoakReport()
     names = ("console", "9p guest->host", "9p host->guest", "port guest->host", "port host->guest")
     streams = {name: Stream() for name in names}
     report.streams = streams
@@ -281,10 +293,15 @@ async def soak(
     via = "net" if os.geteuid() == 0 else "virtio"
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    # SIGTERM ends the soak the way ^C does: cancelled, so the guest is cleaned up.
-    me = asyncio.current_task()
-    if me is not None:
-        loop.add_signal_handler(signal.SIGTERM, me.cancel)
+
+    async def tick() -> None:
+        while True:
+            report.seconds = time.monotonic() - started
+            if progress is not None:
+                progress(report)
+            await asyncio.sleep(0.5)
+
+    ticker = asyncio.ensure_future(tick())
     try:
         async with Guest(kernel=kernel, mem=mem, shares=[f"{share}:soak"], share_via=via,
                          ports=["soak"], status=say) as guest:
@@ -316,10 +333,16 @@ async def soak(
             )
             worker = guest.copy_in(_worker.__file__)  # the guest may not see the host's /tmp
             try:
-                result = await guest.run(
-                    ["python3", worker, str(seconds), "/mnt/soak", "/dev/virtio-ports/soak"],
-                    output=console.feed, timeout=seconds + 120,
-                )
+                try:
+                    result = await guest.run(
+                        ["python3", worker, str(seconds), "/mnt/soak", "/dev/virtio-ports/soak"],
+                        output=console.feed, timeout=seconds + 120,
+                    )
+                except asyncio.CancelledError:
+                    # Interrupted: the worker owns the guest's console, so a polite power-off
+                    # would wait for nothing; the guest holds nothing worth a clean shutdown.
+                    await guest.stop(timeout=_STOP_WHEN_CANCELLED)
+                    raise
                 stop_port.set()
                 host_blocks = await _outcome(port_task, "port traffic", report)
                 stop_share.set()
@@ -332,18 +355,19 @@ async def soak(
                 for task in (share_task, port_task):
                     task.cancel()
                 writer.close()
-            report.signals_sent, report.signals_handled = storm.sent, storm.handled
-            report.rss_kib.append(_rss_kib())
-            report.fds.append(_fd_count())
-            counters = getattr(loop, "poller_counters", None)
-            if counters is not None:
-                report.poller = counters().as_dict()
+                # Kept when cancelled too: an interrupted soak reports what it saw.
+                report.signals_sent, report.signals_handled = storm.sent, storm.handled
+                report.rss_kib.append(_rss_kib())
+                report.fds.append(_fd_count())
+                counters = getattr(loop, "poller_counters", None)
+                if counters is not None:
+                    report.poller = counters().as_dict()
             report.errors += console.errors
             if result.status != 0:
                 report.errors.append(f"the guest's worker exited with status {result.status}")
             _settle(report, console.summaries, host_files, host_blocks, share)
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        ticker.cancel()
         shutil.rmtree(share, ignore_errors=True)
         report.seconds = time.monotonic() - started
     return report
@@ -370,6 +394,7 @@ def _settle(report: SoakReport, guest: dict[str, dict[str, int]], host_files: in
     if missing:
         report.errors.append(f"cannot settle the counts, missing: {', '.join(missing)}")
         return
+    report.settled = True
     s["console"].lost = guest["console"]["lines"] - s["console"].items
     left = {name for name in os.listdir(share) if name.startswith("h")}
     # The host's own files: read by the guest, or still waiting when it stopped.

@@ -15,15 +15,15 @@ import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
-from typing import NoReturn, TextIO
+from typing import TextIO
 
-from ._report import ModeResult, json_report, progress_line, summary_table
+from .._cli import EXIT_FAILURE, Parser, add_verbosity_options, real, setup_logging, signal_status, size
+from ._report import ModeResult, header_line, json_report, progress_line, summary_table
 from ._watchdog import Watchdog
 from ._writers import MODES, Target, Writer, make_writer, open_pty, open_terminal, uvloop_missing
 
 __all__ = ["build_parser", "main"]
 
-PROG = "python -m sigpoll.stress"
 DEFAULT_SECONDS = 10.0
 DEFAULT_STALL_MS = 200.0
 #: The pty reader's pace, like a terminal emulator that can only draw so fast.  Far below
@@ -36,46 +36,9 @@ _TICK = 0.1
 _PROGRESS_EVERY = 0.25
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad option in one line (no usage block) and exits 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line: ``python -m sigpoll.stress xxd [options]``."""
-    parser = _Parser(prog=PROG, description="Stress tools and reproducers for sigpoll.")
+    parser = Parser("sigpoll.stress", description="Stress tools and reproducers for sigpoll.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     xxd = commands.add_parser(
         "xxd",
@@ -86,29 +49,33 @@ def build_parser() -> argparse.ArgumentParser:
             "writable, the writer idle past --stall-ms).  Writes into this terminal when "
             "stdout is one (and --json is not given), otherwise into a fresh pty."
         ),
-        epilog="Exit status: 0; 1 if the sigpoll mode stalled or a mode failed to run; 2 for bad options.",
+        epilog="Exit status: 0; 1 if the sigpoll mode stalled or a mode failed to run; 2 for bad "
+               "options; 130 or 143 when stopped by SIGINT or SIGTERM (after the summary so far).",
     )
     which = xxd.add_mutually_exclusive_group()
     which.add_argument("--mode", choices=MODES, default=None, help="the writer's poller (default: sigpoll)")
     which.add_argument("--compare", action="store_true", help="run every mode, one after another")
     xxd.add_argument(
         "--seconds",
-        type=_positive_float,
+        type=real(0, above=True, what="a number of seconds"),
         default=None,
         help=f"run time per mode (default: {DEFAULT_SECONDS:g}, or no limit when --bytes is given)",
     )
-    xxd.add_argument("--bytes", type=_positive_int, default=None, help="stop each mode after this many bytes written")
+    xxd.add_argument("--bytes", type=size(1), default=None, metavar="SIZE",
+                     help="stop each mode after this many bytes written (64K, 100M...)")
     xxd.add_argument("--json", action="store_true", help="print one JSON object keyed by mode on stdout, nothing else")
     xxd.add_argument(
-        "--stall-ms", type=_positive_float, default=DEFAULT_STALL_MS, help="stall threshold in ms (default: %(default)g)"
+        "--stall-ms", type=real(0, above=True, what="a number of milliseconds"), default=DEFAULT_STALL_MS,
+        help="stall threshold in ms"
     )
     xxd.add_argument(
         "--reader-mbps",
-        type=_non_negative_float,
+        type=real(0, what="a number of MB/s"),
         default=DEFAULT_READER_MBPS,
-        help="pace of the pty reader in MB/s; 0 reads as fast as it can (default: %(default)g)",
+        help="pace of the pty reader in MB/s; 0 reads as fast as it can",
     )
     xxd.add_argument("--pty", action="store_true", help="use a fresh pty even when stdout is a terminal")
+    add_verbosity_options(xxd)
     return parser
 
 
@@ -117,11 +84,14 @@ class _Run:
 
     def __init__(self) -> None:
         self.interrupted = threading.Event()
+        self.signum: int | None = None  #: the first stop signal, for the exit status
         self.writer: Writer | None = None
 
     def on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         # Runs in the main thread between bytecodes: set a flag and wake the writer.
         # Raising KeyboardInterrupt instead could cut short the restoring of the tty.
+        if self.signum is None:
+            self.signum = signum
         self.interrupted.set()
         writer = self.writer
         if writer is not None:
@@ -149,7 +119,7 @@ def _run_mode(mode: str, opts: argparse.Namespace, state: _Run, in_terminal: boo
     progress: TextIO | None = None
     # A progress line in the terminal we are flooding would be lost in the stream, and
     # that terminal's file is non-blocking while we run: only show it elsewhere.
-    if sys.stderr.isatty() and not (in_terminal and _same_tty(2, target.fd)):
+    if sys.stderr.isatty() and not getattr(opts, "quiet", False) and not (in_terminal and _same_tty(2, target.fd)):
         progress = sys.stderr
     try:
         writer = make_writer(mode, target.fd, seconds=seconds, limit=opts.bytes)
@@ -233,6 +203,15 @@ def run(opts: argparse.Namespace) -> int:
     stop_signals = (signal.SIGINT, signal.SIGTERM) if on_main else ()
     old_handlers = {signo: signal.signal(signo, state.on_stop_signal) for signo in stop_signals}
     results: list[ModeResult] = []
+    target = "this terminal" if in_terminal else (
+        f"a pty (reader process paced at {opts.reader_mbps:g} MB/s)" if opts.reader_mbps > 0
+        else "a pty (reader process unpaced)"
+    )
+    if not getattr(opts, "quiet", False):
+        # What is about to happen, before it does (the summary repeats it at the end).
+        sys.stderr.write(header_line(target=target, seconds=seconds, limit=opts.bytes,
+                                     stall_ms=opts.stall_ms) + "\n")
+        sys.stderr.flush()
     try:
         sys.stdout.flush()
         for mode in modes:
@@ -248,10 +227,6 @@ def run(opts: argparse.Namespace) -> int:
     finally:
         for signo, handler in old_handlers.items():
             signal.signal(signo, handler)
-    target = "this terminal" if in_terminal else (
-        f"a pty (reader process paced at {opts.reader_mbps:g} MB/s)" if opts.reader_mbps > 0
-        else "a pty (reader process unpaced)"
-    )
     table = summary_table(results, target=target, seconds=seconds, limit=opts.bytes, stall_ms=opts.stall_ms)
     if opts.json:
         sys.stderr.write(table + "\n")
@@ -263,17 +238,20 @@ def run(opts: argparse.Namespace) -> int:
     # The point of the tool: the sigpoll mode must never stall.  A run that broke down
     # measured nothing, so it must not pass either.
     failed = any((r.mode == "sigpoll" and r.stalls) or r.error for r in results)
-    return 1 if failed else 0
+    if state.signum is not None:
+        return signal_status(state.signum)
+    return EXIT_FAILURE if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv`` (default ``sys.argv[1:]``) and run; return the status."""
     parser = build_parser()
     opts = parser.parse_args(argv)
+    setup_logging(opts, own="sigpoll.stress")
     if opts.mode == "uvloop":
         missing = uvloop_missing()
         if missing:
-            parser.exit(2, f"{PROG} xxd: error: --mode uvloop: {missing}\n")
+            parser.error(f"--mode uvloop: {missing}")
     return run(opts)
 
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ModeResult", "json_report", "progress_line", "summary_table"]
+__all__ = ["ModeResult", "header_line", "json_report", "progress_line", "summary_table"]
 
 
 @dataclasses.dataclass
@@ -104,20 +104,22 @@ def _row(r: ModeResult) -> list[str]:
     ]
 
 
-def summary_table(
-    results: Sequence[ModeResult], *, target: str, seconds: float | None, limit: int | None, stall_ms: float
-) -> str:
-    """The end-of-run summary: one header line, one row per mode, one verdict per mode."""
+def header_line(*, target: str, seconds: float | None, limit: int | None, stall_ms: float) -> str:
+    """What the run does: shown when it starts, and again above the summary."""
     stop = []
     if seconds is not None:
         stop.append(f"{seconds:g} s")
     if limit is not None:
         stop.append(f"{limit:,} bytes")
-    lines = [
-        f"xxd /dev/zero into {target}; each mode stops after {' or '.join(stop)}; "
-        f"a stall is > {stall_ms:g} ms writable but idle",
-        "",
-    ]
+    return (f"xxd /dev/zero into {target}; each mode stops after {' or '.join(stop)}; "
+            f"a stall is > {stall_ms:g} ms writable but idle")
+
+
+def summary_table(
+    results: Sequence[ModeResult], *, target: str, seconds: float | None, limit: int | None, stall_ms: float
+) -> str:
+    """The end-of-run summary: one header line, one row per mode, one verdict per mode."""
+    lines = [header_line(target=target, seconds=seconds, limit=limit, stall_ms=stall_ms), ""]
     rows = [[name for name, _ in _COLUMNS]]
     rows += [_row(r) for r in results if r.skipped is None]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]

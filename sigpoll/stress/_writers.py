@@ -4,10 +4,12 @@ Every writer does the same thing, the way UML's console does: write the xxd dump
 endless zero stream into a tty until EAGAIN, then wait for the tty to become writable
 again.  Only the waiting differs:
 
-- ``sigpoll``/``naive``: a :class:`sigpoll.Poller` in that mode, the tty registered for
-  WRITABLE, edge-triggered.  A wait that comes back empty after ~1 s counts as "the user
-  pressed a key" and the write is tried again: that is how UML's console gets going again
-  after the race ate its wakeup, and it keeps the tool measuring instead of hanging.
+- ``sigpoll``: a :class:`sigpoll.Poller`, the tty registered for WRITABLE, edge-triggered.
+- ``naive``: User-Mode Linux's own scheme (:class:`NaivePoller`: SIGIO, sleep until it
+  arrives, then ``epoll_wait(.., 0)`` once), edge-triggered, with no retry step.
+  In both, a wait that comes back empty after ~1 s counts as "the user pressed a key" and
+  the write is tried again: that is how UML's console gets going again after the race ate
+  its wakeup, and it keeps the tool measuring instead of hanging.
 - ``asyncio``/``uvloop``: a stock event loop with ``loop.add_writer`` (level-triggered,
   no signals), as a baseline.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import math
@@ -31,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import sigpoll
 
@@ -42,6 +45,8 @@ __all__ = [
     "NUDGE_SECONDS",
     "HintCounts",
     "LoopWriter",
+    "NaivePoller",
+    "NaiveWriter",
     "PollerWriter",
     "Target",
     "Writer",
@@ -202,6 +207,25 @@ class Writer(abc.ABC):
     def _deadline(self) -> float:
         return math.inf if self.seconds is None else self.stats.started + self.seconds
 
+    def _write_and_wait(self, wait: Callable[[float], list[tuple[int, int]]]) -> None:
+        """The run of the waiting modes: write until EAGAIN, then ``wait`` for an edge.
+
+        The tty is registered edge-triggered, and the next edge only comes after EAGAIN,
+        so every burst writes until then.  A wait that comes back empty while output is
+        owed, a whole second, is the "keypress" of the module docstring."""
+        st = self.stats
+        st.begin()
+        deadline = self._deadline()
+        while not self._stopping:
+            if not self._write_burst(deadline):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            events = wait(min(NUDGE_SECONDS, remaining))
+            if not events and not self._stopping and time.monotonic() < deadline:
+                st.nudges += 1
+
     def _write_burst(self, deadline: float) -> bool:
         """Write until EAGAIN (True: wait for writability and come back) or until the
         source, the time or the run is over (False: stop)."""
@@ -229,14 +253,12 @@ class Writer(abc.ABC):
 
 
 class PollerWriter(Writer):
-    """The sigpoll and naive modes: a :class:`sigpoll.Poller`, WRITABLE, edge-triggered."""
+    """The sigpoll mode: a :class:`sigpoll.Poller`, WRITABLE, edge-triggered."""
 
-    def __init__(
-        self, fd: int, mode: Literal["sigpoll", "naive"], *, seconds: float | None, limit: int | None
-    ) -> None:
+    mode = "sigpoll"
+
+    def __init__(self, fd: int, *, seconds: float | None, limit: int | None) -> None:
         super().__init__(fd, seconds=seconds, limit=limit)
-        self.mode = mode
-        self._poller_mode = mode
         self._poller: sigpoll.Poller | None = None
         self._final = HintCounts()
 
@@ -244,26 +266,12 @@ class PollerWriter(Writer):
         """Create the poller here, in the main thread, before the watchdog and writer
         threads start: they inherit the signal mask the poller sets up in this thread."""
         super().prepare()
-        self._poller = sigpoll.Poller(mode=self._poller_mode)
+        self._poller = sigpoll.Poller()
         self._poller.register(self.fd, sigpoll.WRITABLE, edge=True)
 
     def _run(self) -> None:
-        poller = self._poller
-        assert poller is not None, "prepare() first"
-        st = self.stats
-        st.begin()
-        deadline = self._deadline()
-        while not self._stopping:
-            # Edge-triggered: the next edge only comes after EAGAIN, so write until then.
-            if not self._write_burst(deadline):
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            events = poller.wait(min(NUDGE_SECONDS, remaining))
-            if not events and not self._stopping and time.monotonic() < deadline:
-                # A whole second with no event while we owe output: the "keypress".
-                st.nudges += 1
+        assert self._poller is not None, "prepare() first"
+        self._write_and_wait(self._poller.wait)
 
     def stop(self) -> None:
         self._stopping = True
@@ -288,6 +296,103 @@ class PollerWriter(Writer):
                     poller.unregister(self.fd)
             finally:
                 poller.close()
+        super().close()
+
+
+# fcntl.h values Python's fcntl module does not name.
+_F_SETSIG, _F_GETSIG, _F_SETOWN_EX, _F_GETOWN_EX = 10, 11, 15, 16
+
+
+class NaivePoller:
+    """User-Mode Linux's scheme, on ``select.epoll`` and ``signal.sigtimedwait``.
+
+    As UML's console does (arch/um/os-Linux/file.c, irq.c): the tty gets O_ASYNC with
+    F_SETSIG=SIGIO and the process as owner, and is registered edge-triggered; a wait
+    sleeps until SIGIO arrives and then asks epoll, with a zero timeout, once.  It misses
+    the edges the kernel signals before epoll has them (docs/design.md): that is the point.
+    SIGIO must be blocked in every thread (it is, from the constructor on, in this one and
+    the threads it starts), or a thread without it blocked takes the signal and dies of it.
+    """
+
+    def __init__(self, fd: int, events: int) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGIO})
+        self.fd = fd
+        self.signals = 0
+        self._woken = False
+        self._saved = (fcntl.fcntl(fd, fcntl.F_GETFL), fcntl.fcntl(fd, _F_GETSIG),
+                       fcntl.fcntl(fd, _F_GETOWN_EX, bytes(8)))
+        self._epoll = select.epoll()
+        self._epoll.register(fd, events | select.EPOLLET)
+        fcntl.fcntl(fd, _F_SETSIG, signal.SIGIO)
+        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(fd, fcntl.F_SETFL, self._saved[0] | os.O_ASYNC | os.O_NONBLOCK)
+
+    def wait(self, timeout: float) -> list[tuple[int, int]]:
+        """Sleep until SIGIO, then look at epoll once, without waiting; if it has nothing,
+        sleep until the next SIGIO (UML's loop).  Empty after ``timeout`` or a wake."""
+        deadline = time.monotonic() + timeout
+        while not self._woken:
+            left = deadline - time.monotonic()
+            if left <= 0 or signal.sigtimedwait({signal.SIGIO}, left) is None:
+                break
+            self.signals += 1
+            events = self._epoll.poll(0)
+            if events:
+                return events
+        self._woken = False
+        return []
+
+    def wake(self) -> None:
+        """End a wait now (from any thread): a SIGIO, which is how UML is woken too."""
+        self._woken = True
+        os.kill(os.getpid(), signal.SIGIO)
+
+    def close(self) -> None:
+        """Unregister and put the fd's flags, signal and owner back."""
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(self.fd)
+        self._epoll.close()
+        fl, sig, owner = self._saved
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fl)
+            fcntl.fcntl(self.fd, _F_SETSIG, sig)
+            fcntl.fcntl(self.fd, _F_SETOWN_EX, owner)
+
+
+class NaiveWriter(Writer):
+    """The naive mode: :class:`NaivePoller`, WRITABLE, edge-triggered, no retry step."""
+
+    mode = "naive"
+
+    def __init__(self, fd: int, *, seconds: float | None, limit: int | None) -> None:
+        super().__init__(fd, seconds=seconds, limit=limit)
+        self._poller: NaivePoller | None = None
+        self._signals = 0
+
+    def prepare(self) -> None:
+        """Block SIGIO here, in the main thread, before the other threads start."""
+        super().prepare()
+        self._poller = NaivePoller(self.fd, select.EPOLLOUT)
+
+    def _run(self) -> None:
+        assert self._poller is not None, "prepare() first"
+        self._write_and_wait(self._poller.wait)
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._poller is not None:
+            self._poller.wake()
+
+    def hint_counts(self) -> HintCounts:
+        if self._poller is not None:
+            self._signals = self._poller.signals
+        return HintCounts(self._signals)
+
+    def close(self) -> None:
+        if self._poller is not None:
+            self._signals = self._poller.signals
+            self._poller.close()
+            self._poller = None
         super().close()
 
 
@@ -364,9 +469,9 @@ class LoopWriter(Writer):
 def make_writer(mode: str, fd: int, *, seconds: float | None, limit: int | None) -> Writer:
     """The writer for ``mode`` on ``fd``: stops after ``seconds`` or ``limit`` bytes."""
     if mode == "sigpoll":
-        return PollerWriter(fd, "sigpoll", seconds=seconds, limit=limit)
+        return PollerWriter(fd, seconds=seconds, limit=limit)
     if mode == "naive":
-        return PollerWriter(fd, "naive", seconds=seconds, limit=limit)
+        return NaiveWriter(fd, seconds=seconds, limit=limit)
     if mode == "asyncio":
         return LoopWriter(fd, mode, asyncio.new_event_loop, seconds=seconds, limit=limit)
     if mode == "uvloop":

@@ -26,8 +26,9 @@ from ._console import (
     open_port,
 )
 from ._services import PortSocket, ninep_mount_command, serve_ninep
+from ._memory import GuestMemory, MemoryFault
 from ._vhost_user import ProtocolError
-from ._virtqueue import Chain, GuestMemory, MemoryFault, Virtqueue
+from ._virtqueue import Chain, Virtqueue
 
 __all__ = [
     "Chain",

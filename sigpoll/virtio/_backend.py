@@ -23,6 +23,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .._unixsock import listen_unix, peer_allowed
@@ -47,7 +48,8 @@ from ._vhost_user import (
     encode_u64,
     encode_vring_state,
 )
-from ._virtqueue import GuestMemory, MemoryFault, Virtqueue
+from ._memory import GuestMemory, MemoryFault
+from ._virtqueue import Virtqueue
 
 __all__ = ["VhostUserBackend", "VirtioDevice"]
 
@@ -92,6 +94,71 @@ def _close(fd: int | None) -> None:
             os.close(fd)
 
 
+class _Outbox:
+    """Bytes for a socket the loop must never block on: sent as fast as the peer reads.
+
+    ``send`` tries the socket at once; what it does not take waits here and goes out when
+    the socket is writable again.  ``on_drained`` runs when the queue empties; if it has
+    not emptied ``timeout`` seconds after it first filled, ``on_stuck`` runs.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, *,
+                 on_error: Callable[[str], None], on_drained: Callable[[], None] = lambda: None,
+                 timeout: float | None = None) -> None:
+        self._loop, self._sock = loop, sock
+        self._on_error, self._on_drained, self._timeout = on_error, on_drained, timeout
+        self._buf = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def send(self, data: bytes) -> None:
+        if self._buf:
+            self._buf += data
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._on_error(f"socket error: {exc}")
+            return
+        if sent < len(data):
+            self._buf += data[sent:]
+            self._loop.add_writer(self._sock.fileno(), self._flush)
+            if self._timeout is not None:
+                self._timer = self._loop.call_later(self._timeout, self._on_error,
+                                                    f"it left replies unread for {self._timeout:g} s")
+
+    def _flush(self) -> None:
+        try:
+            sent = self._sock.send(self._buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._on_error(f"socket error: {exc}")
+            return
+        del self._buf[:sent]
+        if not self._buf:
+            self._stop()
+            self._on_drained()
+
+    def _stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._sock.fileno() >= 0:
+            self._loop.remove_writer(self._sock.fileno())
+
+    def close(self) -> None:
+        """Drop what is queued (before the socket closes)."""
+        if self._buf:
+            self._buf.clear()
+            self._stop()
+
+
 @dataclass
 class _Ring:
     """vhost-user state around one virtqueue."""
@@ -124,7 +191,16 @@ class _Connection:
         self.closed = asyncio.get_running_loop().create_future()
         self.messages = 0
         sock.setblocking(False)
+        # Replies never block the loop: a frontend that does not read them is not served
+        # further requests until it does, and is dropped after backend.reply_timeout.
+        self.replies = _Outbox(self.loop, sock, on_error=self.close, on_drained=self._resume_reading,
+                               timeout=backend.reply_timeout)
+        self.backend_req_out: _Outbox | None = None
+        # Written by the C core's SIGBUS guard when the frontend takes its memory away.
+        self._memory_gone_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.loop.add_reader(self._memory_gone_fd, self._on_memory_gone)
         self.device.attach(self)
+        self._reading = True
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
     # -- RingAccess, for the device --
@@ -148,18 +224,20 @@ class _Connection:
             log.warning("cannot interrupt the guest on queue %d: %s", index, exc)
 
     def config_changed(self) -> None:
-        if self.backend_req is None:
+        if self.backend_req_out is None:
             return
-        try:
-            self.backend_req.send(encode_message(BackendRequest.CONFIG_CHANGE_MSG))
-        except OSError as exc:
-            log.warning("cannot send a config change to the frontend: %s", exc)
+        if self.backend_req_out.pending:
+            return  # one unread change notice already says it: the frontend reads the whole config
+        self.backend_req_out.send(encode_message(BackendRequest.CONFIG_CHANGE_MSG))
+
+    def _backend_req_failed(self, reason: str) -> None:
+        log.warning("cannot send a config change to the frontend: %s", reason)
 
     # -- reading messages --
 
     def _on_readable(self) -> None:
         for _ in range(64):  # bounded: a chatty frontend must not starve the data path
-            if self.closed.done():
+            if self.closed.done() or not self._reading:
                 return
             try:
                 data, fds, flags, _ = socket.recv_fds(self.sock, self.framer.wanted(), _MAX_FDS)
@@ -195,14 +273,22 @@ class _Connection:
                 return
 
     def _reply(self, msg: Message, payload: bytes) -> None:
-        data = encode_message(msg.request, payload, reply=True)
-        # Replies are tiny and the frontend waits for them; a socket that cannot take a
-        # few bytes within the timeout belongs to a frontend that is gone.
-        self.sock.settimeout(5.0)
-        try:
-            self.sock.sendall(data)
-        finally:
-            self.sock.setblocking(False)
+        self.replies.send(encode_message(msg.request, payload, reply=True))
+        if self.replies.pending and self._reading and not self.closed.done():
+            # The frontend is not reading: take no more requests (each would add a reply)
+            # until it has read these.  Kicks and the data path carry on meanwhile.
+            self._reading = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def _resume_reading(self) -> None:
+        if not self._reading and not self.closed.done():
+            self._reading = True
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def _on_memory_gone(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_read(self._memory_gone_fd)
+        self.close("it took its memory away under the backend (a memory file shrank: SIGBUS caught)")
 
     def _handle(self, msg: Message) -> None:
         try:
@@ -289,7 +375,8 @@ class _Connection:
 
     def _do_set_mem_table(self, msg: Message) -> None:
         regions = decode_mem_table(msg.payload, len(msg.fds))
-        memory = GuestMemory.map_fds(regions, msg.fds)
+        memory = GuestMemory.map_fds(regions, msg.fds, notify_fd=self._memory_gone_fd,
+                                     require_sealed=self.backend.require_sealed_memory)
         for r in self.rings:
             r.queue.deactivate()
         if self.memory is not None:
@@ -372,9 +459,18 @@ class _Connection:
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             _close(fd)
             raise ProtocolError("backend request fd is not a socket")
+        self._close_backend_req()
+        self.backend_req = socket.socket(fileno=fd)
+        self.backend_req.setblocking(False)  # the frontend may never read it
+        self.backend_req_out = _Outbox(self.loop, self.backend_req, on_error=self._backend_req_failed)
+
+    def _close_backend_req(self) -> None:
+        if self.backend_req_out is not None:
+            self.backend_req_out.close()
+            self.backend_req_out = None
         if self.backend_req is not None:
             self.backend_req.close()
-        self.backend_req = socket.socket(fileno=fd)
+            self.backend_req = None
 
     def _do_get_config(self, msg: Message) -> bytes:
         cfg = decode_config(msg.payload)
@@ -455,15 +551,16 @@ class _Connection:
         else:
             log.info("vhost-user frontend disconnected")
         self.loop.remove_reader(self.sock.fileno())
+        self.replies.close()
         for fd in self.framer.pending_fds():
             _close(fd)
         self._reset_device()
         if self.memory is not None:
-            self.memory.close()
+            self.memory.close()  # the guard forgets the ranges before the notify fd goes
             self.memory = None
-        if self.backend_req is not None:
-            self.backend_req.close()
-            self.backend_req = None
+        self.loop.remove_reader(self._memory_gone_fd)
+        _close(self._memory_gone_fd)
+        self._close_backend_req()
         self.sock.close()
         self.closed.set_result(reason)
 
@@ -472,12 +569,19 @@ class VhostUserBackend:
     """Serves one virtio device over a vhost-user unix socket.
 
     ``reply_ack=False`` stops offering REPLY_ACK, so frontends send everything
-    fire-and-forget (the setting that exposes the enable race).
+    fire-and-forget (the setting that exposes the enable race).  A frontend that leaves
+    replies unread for ``reply_timeout`` seconds is dropped (it gets no further requests
+    served meanwhile; the rings keep moving).  ``require_sealed_memory`` refuses memory
+    that is not a memfd sealed against shrinking; without it (the default, since UML's
+    memory is a plain file) memory that shrinks under the backend drops the frontend.
     """
 
-    def __init__(self, device: VirtioDevice, *, reply_ack: bool = True) -> None:
+    def __init__(self, device: VirtioDevice, *, reply_ack: bool = True, reply_timeout: float = 5.0,
+                 require_sealed_memory: bool = False) -> None:
         self.device = device
         self.reply_ack = reply_ack
+        self.reply_timeout = reply_timeout
+        self.require_sealed_memory = require_sealed_memory
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.connection: _Connection | None = None
         self.sessions = 0  #: frontends served so far (finished or current)

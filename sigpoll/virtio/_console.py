@@ -58,6 +58,13 @@ MAX_NAME = 255
 UNCONNECTED_BACKLOG = 64 * 1024
 # Bytes handed to the protocol per data_received call: fewer calls, bounded latency.
 _DELIVER_BATCH = 256 * 1024
+# Control messages waiting for the guest to post buffers for them.  Every DEVICE_READY or
+# PORT_READY from the guest makes some; a guest that keeps asking and never collects the
+# answers would grow this without end, so past it the guest's own control messages wait
+# in its ring until it collects.
+MAX_CONTROL_BACKLOG = 64 * 1024
+# Guest control messages taken per batch before the backlog is looked at again.
+_CONTROL_BATCH = 16
 
 
 class ControlEvent(enum.IntEnum):
@@ -240,8 +247,11 @@ class ConsoleDevice:
         self.acked = 0
         self.rings: RingAccess | None = None
         self._control_out: collections.deque[bytes] = collections.deque()
+        self._control_out_bytes = 0
+        self._control_held = False  # guest control messages left in its ring for want of room
         self.driver_ready = False
-        self.emergency_bytes = 0
+        self.emergency_bytes = 0  #: characters the guest wrote through emerg_wr
+        self.emergency_dropped = 0  #: ... and those dropped for want of room on the host side
 
     # -- the transport's interface --
 
@@ -266,6 +276,11 @@ class ConsoleDevice:
     def write_config(self, offset: int, data: bytes) -> None:
         # Only emerg_wr (offset 8) is writable: the guest writes one character to it.
         if offset == 8 and len(data) >= 1 and self.device_features & F_EMERG_WRITE:
+            if not self._accepting(self.ports[0], 0):
+                # It bypasses the rings, so it cannot be made to wait: with no room on the
+                # host side (a full backlog, a paused reader) it is dropped, and counted.
+                self.emergency_dropped += 1
+                return
             self.emergency_bytes += 1
             self._from_guest(self.ports[0], bytes(data[:1]))
 
@@ -296,6 +311,8 @@ class ConsoleDevice:
         self.acked = 0
         self.driver_ready = False
         self._control_out.clear()
+        self._control_out_bytes = 0
+        self._control_held = False
         for port in self.ports:
             port._reset()
 
@@ -437,7 +454,9 @@ class ConsoleDevice:
 
     def _send_control(self, port_id: int, event: ControlEvent, value: int, extra: bytes = b"") -> None:
         log.debug("control to the guest: port %d event %s value %d", port_id, event.name, value)
-        self._control_out.append(_CONTROL.pack(port_id, event, value) + extra)
+        msg = _CONTROL.pack(port_id, event, value) + extra
+        self._control_out.append(msg)
+        self._control_out_bytes += len(msg)
         self._flush_control()
 
     def _flush_control(self) -> None:
@@ -461,35 +480,46 @@ class ConsoleDevice:
                 else:
                     n = chain.fill(msg)
                     self._control_out.popleft()
+                    self._control_out_bytes -= len(msg)
             finally:
                 chain.release()
             q.push(chain.head, n)
             pushed = True
         if pushed:
             self._notify(2)
+        if self._control_held and self._control_out_bytes < MAX_CONTROL_BACKLOG:
+            self._control_held = False
+            self._read_control()  # what the guest sent meanwhile is still in its ring
 
     def _read_control(self) -> None:
-        q = self._ring(3)
-        if q is None:
-            return
-        msgs = []
-        pushed = False
-        while True:
+        while (q := self._ring(3)) is not None:
+            if self._control_out_bytes >= MAX_CONTROL_BACKLOG:
+                self._control_held = True  # _flush_control resumes once the guest collects
+                return
+            msgs = self._take_control(q)
+            for m in msgs:
+                self._handle_control(m)
+            if len(msgs) < _CONTROL_BATCH:
+                return
+
+    def _take_control(self, q: Virtqueue) -> list[bytes]:
+        """Up to a batch of the guest's control messages, their buffers given back."""
+        msgs: list[bytes] = []
+        while len(msgs) < _CONTROL_BATCH:
             chain = q.pop()
             if chain is None:
                 if q.enable_kicks():
                     continue
                 break
             try:
-                msgs.append(chain.read_all())
+                # A control message is 8 bytes; a longer buffer is not copied beyond them.
+                msgs.append(chain.read_all(_CONTROL.size))
             finally:
                 chain.release()
             q.push(chain.head, 0)
-            pushed = True
-        if pushed:
+        if msgs:
             self._notify(3)
-        for m in msgs:
-            self._handle_control(m)
+        return msgs
 
     def _handle_control(self, msg: bytes) -> None:
         if len(msg) < _CONTROL.size:

@@ -56,6 +56,7 @@ class DriverRing:
     last_used: int = 0
     free: list[int] = field(default_factory=list)
     buffers: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # head -> [(off, len)]
+    ndesc: dict[int, int] = field(default_factory=dict)  # head -> ring descriptors it holds
 
 
 class Frontend:
@@ -200,7 +201,6 @@ class Frontend:
 
     def add(self, index: int, out: bytes = b"", in_len: int = 0) -> int:
         """Make a chain available: ``out`` for the device to read, ``in_len`` to write."""
-        r = self.rings[index]
         parts: list[tuple[int, int, int]] = []
         if out:
             off = self.alloc(len(out), 8)
@@ -208,14 +208,29 @@ class Frontend:
             parts.append((off, len(out), 0))
         if in_len:
             parts.append((self.alloc(in_len, 8), in_len, 2))
-        if len(parts) > len(r.free):
+        return self.add_chain(index, parts)
+
+    def add_chain(self, index: int, parts: list[tuple[int, int, int]], *, indirect: bool = False) -> int:
+        """Make ``parts`` (``(offset, length, flags)`` in this memory; flags 2 = writable)
+        available as one chain: ring descriptors, or one indirect table (the table is
+        allocated here, and parts may repeat or overlap as a hostile driver's would)."""
+        r = self.rings[index]
+        entries = [(self.gpa(off), length, flags) for off, length, flags in parts]
+        if indirect:
+            table = self.alloc(16 * len(parts), 16)
+            for i, (addr, length, flags) in enumerate(entries):
+                more = i + 1 < len(entries)
+                _DESC.pack_into(self.mem, table + 16 * i, addr, length, flags | (1 if more else 0), i + 1 if more else 0)
+            entries = [(self.gpa(table), 16 * len(parts), 4)]
+        if len(entries) > len(r.free):
             raise RuntimeError("ring full")
-        ids = [r.free.pop() for _ in parts]
-        for i, (off, length, flags) in enumerate(parts):
-            nxt = ids[i + 1] if i + 1 < len(parts) else 0
-            _DESC.pack_into(self.mem, r.desc + 16 * ids[i], self.gpa(off), length, flags | (1 if i + 1 < len(parts) else 0), nxt)
+        ids = [r.free.pop() for _ in entries]
+        for i, (addr, length, flags) in enumerate(entries):
+            more = i + 1 < len(entries)
+            _DESC.pack_into(self.mem, r.desc + 16 * ids[i], addr, length, flags | (1 if more else 0), ids[i + 1] if more else 0)
         head = ids[0]
         r.buffers[head] = [(off, length) for off, length, _ in parts]
+        r.ndesc[head] = len(ids)
         self._mem16[(r.avail + 4) // 2 + r.avail_idx % r.num] = _le16(head)
         r.avail_idx = (r.avail_idx + 1) & 0xFFFF
         self._mem16[(r.avail + 2) // 2] = _le16(r.avail_idx)  # publish after the ring entry
@@ -235,7 +250,7 @@ class Frontend:
                 off, plen = parts[-1]
                 data = bytes(self.mem[off : off + min(length, plen)])
             # give the descriptors back
-            n = len(parts)
+            n = r.ndesc.pop(head)
             i = head
             for _ in range(n):
                 r.free.append(i)

@@ -34,7 +34,15 @@ class _Pipe(asyncio.Protocol):
         self.bridge, self.side = bridge, side
 
     def connection_made(self, transport: Any) -> None:
-        self.bridge.ends[self.side] = transport
+        ends = self.bridge.ends
+        ends[self.side] = transport
+        # Bytes that arrive before the other end exists would have nowhere to go: the end
+        # that comes first waits, unread, for the second.
+        other = ends[1 - self.side]
+        if other is None:
+            transport.pause_reading()
+        else:
+            other.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         other = self.bridge.ends[1 - self.side]
@@ -123,12 +131,14 @@ class PortSocket:
                 client, _ = await loop.sock_accept(self._listener)
                 self.clients += 1
                 bridge = self._bridge = _Bridge()
+                # The client's end first: connecting the port tells the guest the host side
+                # is open, and the guest's first bytes may follow at once.
+                await loop.connect_accepted_socket(lambda: _Pipe(bridge, 1), client)
                 try:
                     self.port.connect(lambda: _Pipe(bridge, 0))
                 except RuntimeError:
-                    client.close()  # someone attached to the port directly: not ours to take
+                    bridge.close()  # someone attached to the port directly: not ours to take
                     raise
-                await loop.connect_accepted_socket(lambda: _Pipe(bridge, 1), client)
                 # The next client is accepted when this one or the port ends.
                 await asyncio.wait([bridge.port_gone, bridge.host_gone], return_when=asyncio.FIRST_COMPLETED)
                 bridge.close()

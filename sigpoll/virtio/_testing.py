@@ -1,18 +1,20 @@
 """Helpers the virtio test suites share (not part of the public API).
 
-A host-side protocol that records what a port delivers, and a context manager that runs a
-:class:`VhostUserBackend` for the length of a block.
+A host-side protocol that records what a port delivers, a context manager that runs a
+:class:`VhostUserBackend` for the length of a block, and a blocking read of an exact count
+from a port's unix socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from ._backend import VhostUserBackend
 
-__all__ = ["Collect", "serving"]
+__all__ = ["Collect", "recv_exactly", "serving"]
 
 
 class Collect(asyncio.Protocol):
@@ -66,3 +68,15 @@ async def serving(backend: VhostUserBackend, path: str) -> AsyncIterator[VhostUs
     finally:
         server.cancel()
         await asyncio.gather(server, return_exceptions=True)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from a blocking socket (its timeout applies to each read); EOFError if
+    the peer closes first."""
+    got = bytearray()
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        if not chunk:
+            raise EOFError(f"{len(got)} of {n} bytes, then EOF")
+        got += chunk
+    return bytes(got)

@@ -1,26 +1,24 @@
 """Split virtqueues over guest memory, with every guest-supplied number checked.
 
-:class:`GuestMemory` maps the regions of a SET_MEM_TABLE (shared mappings of the frontend's
-memory fds) and turns guest or frontend ("user") addresses into memoryviews, refusing any
-range that is not wholly inside one region.  :class:`Virtqueue` walks descriptor chains
+:class:`Virtqueue` walks descriptor chains
 (direct and indirect), and returns used buffers to the guest in the order the guest relies
 on: the used element is written before the used index that publishes it, and the avail
 index is read before the ring entries it covers.
 
 Nothing the guest writes can make this code touch memory outside the regions, loop, or
-raise: a malformed chain, a ring index out of range, an address outside every region or an
-overflowing length marks the queue *broken* (logged once) and the queue stops moving.  The
+raise: a malformed chain, a ring index out of range, an address outside every region, an
+overflowing length or a chain giving more than ``max_chain_read`` bytes to read marks the
+queue *broken* (logged once) and the queue stops moving.  The
 guest then sees a dead device, which is what the virtio spec asks for (NEEDS_RESET).
 
 The module is pure: it works the same over a ``bytearray`` (the property tests) as over an
-mmap of a real guest's memory.
+mmap of a real guest's memory (:mod:`._memory`, which also guards against that memory
+vanishing).
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
-import os
 import struct
 import sys
 import threading
@@ -28,7 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._vhost_user import MemoryRegion, VringAddr
+from ._memory import GuestMemory, MemoryFault
+from ._vhost_user import VringAddr
 
 __all__ = [
     "DESC_F_INDIRECT",
@@ -36,9 +35,8 @@ __all__ = [
     "DESC_F_WRITE",
     "MAX_QUEUE_SIZE",
     "AVAIL_F_NO_INTERRUPT",
+    "MAX_CHAIN_READ",
     "Chain",
-    "GuestMemory",
-    "MemoryFault",
     "Virtqueue",
     "full_fence",
     "ring_sizes",
@@ -57,6 +55,12 @@ MAX_QUEUE_SIZE = 32768
 MAX_INDIRECT = 4096
 # Used-element length is a le32; a chain whose buffers add up to more cannot be described.
 MAX_CHAIN_BYTES = 0xFFFFFFFF
+# What one chain may give the device to read, counting every descriptor's length even when
+# descriptors overlap or repeat (each one is a copy we would make).  Linux's virtio_console
+# sends at most 32 KiB per write() and a pipe's worth (1 MiB at most, unprivileged) per
+# splice; 512 descriptors all naming the same 1 MiB would otherwise cost 512 MiB of copies.
+# A longer chain breaks the queue.  Per queue: Virtqueue.max_chain_read.
+MAX_CHAIN_READ = 1 << 20
 
 _DESC = struct.Struct("<QIHH")
 
@@ -106,94 +110,6 @@ def u16_view(buf: Any) -> memoryview:
     return memoryview(buf).cast("B").cast("H")
 
 
-class MemoryFault(Exception):
-    """A guest address range that is not wholly inside one mapped region."""
-
-
-@dataclass
-class _Region:
-    guest_addr: int
-    user_addr: int
-    size: int
-    view: memoryview
-    backing: Any = None  # the mmap, kept to close it
-
-
-class GuestMemory:
-    """Guest memory as a set of regions; translation with bounds checks.
-
-    ``regions`` are ``(guest_addr, user_addr, buffer)`` triples (any writable buffer: a
-    bytearray in tests, an mmap for a real frontend).  Use :meth:`map_fds` for a
-    SET_MEM_TABLE.
-    """
-
-    def __init__(self, regions: Sequence[tuple[int, int, Any]] = ()) -> None:
-        self._regions: list[_Region] = []
-        for guest_addr, user_addr, buf in regions:
-            view = memoryview(buf).cast("B")
-            if view.readonly:
-                raise ValueError("guest memory must be writable")
-            self._regions.append(_Region(guest_addr, user_addr, len(view), view))
-
-    @classmethod
-    def map_fds(cls, regions: Sequence[MemoryRegion], fds: Sequence[int]) -> GuestMemory:
-        """Map SET_MEM_TABLE regions (one fd each, shared, read-write).
-
-        Raises :class:`MemoryFault` (after unmapping what was mapped) if the kernel refuses
-        a mapping, e.g. an offset or size beyond the end of the fd.
-        """
-        mem = cls()
-        page = mmap.ALLOCATIONGRANULARITY
-        try:
-            for r, fd in zip(regions, fds, strict=True):
-                # mmap wants a page-aligned offset; map from the page start and slice.
-                skew = r.mmap_offset % page
-                try:
-                    size = os.fstat(fd).st_size
-                    if size and r.mmap_offset + r.size > size:
-                        raise MemoryFault(f"region at {r.guest_addr:#x} extends past the end of its fd")
-                    mm = mmap.mmap(fd, r.size + skew, flags=mmap.MAP_SHARED,
-                                   prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=r.mmap_offset - skew)
-                except (OSError, ValueError, OverflowError) as exc:
-                    raise MemoryFault(f"cannot map region at {r.guest_addr:#x}: {exc}") from exc
-                view = memoryview(mm)[skew : skew + r.size]
-                mem._regions.append(_Region(r.guest_addr, r.user_addr, r.size, view, mm))
-        except BaseException:
-            mem.close()
-            raise
-        return mem
-
-    @property
-    def regions(self) -> list[tuple[int, int, int]]:
-        """``(guest_addr, user_addr, size)`` of each region."""
-        return [(r.guest_addr, r.user_addr, r.size) for r in self._regions]
-
-    def translate(self, addr: int, length: int, *, user: bool = False) -> memoryview:
-        """A view of ``length`` bytes at guest (or, with ``user``, frontend) address ``addr``."""
-        if length < 0 or addr < 0:
-            raise MemoryFault(f"bad range {addr:#x}+{length}")
-        for r in self._regions:
-            base = r.user_addr if user else r.guest_addr
-            off = addr - base
-            if 0 <= off and off + length <= r.size:
-                return r.view[off : off + length]
-        kind = "user" if user else "guest"
-        raise MemoryFault(f"{kind} range {addr:#x}+{length:#x} is outside every memory region")
-
-    def close(self) -> None:
-        """Unmap everything.  Views still held elsewhere keep their mapping alive until
-        they are dropped (mmap refuses to close under exported buffers); nothing here can
-        then touch it."""
-        regions, self._regions = self._regions, []
-        for r in regions:
-            r.view.release()
-            if r.backing is not None:
-                try:
-                    r.backing.close()
-                except BufferError:
-                    log.debug("guest memory region still referenced; unmapped when released")
-
-
 def ring_sizes(num: int) -> tuple[int, int, int]:
     """Bytes of the descriptor table, avail ring and used ring for a queue of ``num``."""
     return 16 * num, 6 + 2 * num, 6 + 8 * num
@@ -205,6 +121,9 @@ class Chain:
 
     ``readable`` are the guest's buffers for the device to read (driver -> device),
     ``writable`` those for the device to fill; both as memoryviews into guest memory.
+    Move data with :meth:`read_all` and :meth:`fill`: they copy through the guest-memory
+    guard, so memory the frontend takes away mid-copy fails the copy (and breaks the
+    queue) instead of the process.
     """
 
     head: int
@@ -213,6 +132,10 @@ class Chain:
     written: int = 0  #: bytes filled in so far (the used length to report)
     _wseg: int = 0  # write cursor: segment index and offset in it
     _woff: int = 0
+    _queue: Virtqueue | None = None
+    _mem: GuestMemory | None = None
+    _rhost: list[int] = field(default_factory=list)  # host address of each buffer (0: unguarded)
+    _whost: list[int] = field(default_factory=list)
 
     @property
     def readable_len(self) -> int:
@@ -222,24 +145,35 @@ class Chain:
     def writable_len(self) -> int:
         return sum(len(v) for v in self.writable)
 
-    def read_all(self) -> bytes:
-        """Copy out everything the guest gave us to read."""
-        if len(self.readable) == 1:
-            return self.readable[0].tobytes()
-        return b"".join(v.tobytes() for v in self.readable)
+    def read_all(self, limit: int = MAX_CHAIN_BYTES) -> bytes:
+        """Copy out what the guest gave us to read, at most ``limit`` bytes.
+
+        Empty if the guest's memory has gone (the queue is then broken)."""
+        if self._mem is None:
+            return b"".join(v.tobytes() for v in self.readable)[:limit]
+        data = self._mem.copy_out(self.readable, self._rhost, limit)
+        if data is None:
+            self._memory_gone()
+            return b""
+        return data
 
     def fill(self, data: memoryview | bytes) -> int:
         """Append as much of ``data`` as fits after what was already written; return bytes taken.
 
         Successive calls continue where the previous one stopped, so one guest buffer can
-        be filled from several host writes.
+        be filled from several host writes.  Takes nothing if the guest's memory has gone
+        (the queue is then broken).
         """
         src = memoryview(data)
         taken = 0
         while src and self._wseg < len(self.writable):
             view = self.writable[self._wseg]
             n = min(len(view) - self._woff, len(src))
-            view[self._woff : self._woff + n] = src[:n]
+            if self._mem is None:
+                view[self._woff : self._woff + n] = src[:n]
+            elif not self._mem.copy_in(view, self._whost[self._wseg], self._woff, src[:n]):
+                self._memory_gone()
+                break
             src = src[n:]
             taken += n
             self._woff += n
@@ -248,6 +182,10 @@ class Chain:
                 self._woff = 0
         self.written += taken
         return taken
+
+    def _memory_gone(self) -> None:
+        if self._queue is not None:
+            self._queue.mark_broken("the frontend took its memory away (SIGBUS caught in a copy)")
 
     def release(self) -> None:
         for v in self.readable:
@@ -285,6 +223,7 @@ class Virtqueue:
         self._elems32: memoryview | None = None
         self._mem: GuestMemory | None = None
         self._signalled_used = 0  # used idx at the last interrupt (EVENT_IDX arithmetic)
+        self.max_chain_read = MAX_CHAIN_READ  #: readable bytes one chain may hold
 
     # -- configuration (from the frontend) --
 
@@ -400,7 +339,7 @@ class Virtqueue:
         if head >= self.num:
             self.mark_broken(f"avail ring names descriptor {head} on a ring of {self.num}")
             return None
-        chain = Chain(head)
+        chain = Chain(head, _queue=self, _mem=self._mem)
         error = self._walk_into(chain, head)
         if error is not None:
             chain.release()
@@ -414,7 +353,7 @@ class Virtqueue:
         mem = self._mem
         table, table_len, index = self._desc, self.num, head
         indirect: memoryview | None = None
-        seen = total = 0
+        seen = total = readable = 0
         try:
             while True:
                 seen += 1
@@ -437,18 +376,25 @@ class Virtqueue:
                 total += length
                 if total > MAX_CHAIN_BYTES:
                     return f"chain from {head} adds up to more than 4 GiB"
+                if not flags & DESC_F_WRITE:
+                    readable += length
+                    if readable > self.max_chain_read:
+                        return (f"chain from {head} gives more than {self.max_chain_read} bytes to read "
+                                "(descriptors counted each time they appear)")
                 if length:
                     try:
-                        view = mem.translate(addr, length)
+                        view, host = mem.locate(addr, length)
                     except MemoryFault as exc:
                         return f"descriptor in chain {head}: {exc}"
                     if flags & DESC_F_WRITE:
                         chain.writable.append(view)
+                        chain._whost.append(host)
                     elif chain.writable:
                         view.release()
                         return f"chain {head} has a readable buffer after a writable one"
                     else:
                         chain.readable.append(view)
+                        chain._rhost.append(host)
                 if not flags & DESC_F_NEXT:
                     return None
                 if nxt >= table_len:
