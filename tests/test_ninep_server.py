@@ -525,30 +525,31 @@ def test_inline_rread_frame_matches_the_codec() -> None:
     assert bytes(h._rread_seal(buf, 0x1234, 5)) == c.encode(c.Rread(b"hello", tag=0x1234))
 
 
-def test_fifo_open_and_read_wait_in_the_pool(run, export: Path) -> None:
-    """A fifo's open waits for a writer and its read for data: both wait in a worker,
-    while other requests are answered meanwhile."""
+def test_fifo_open_and_read_never_wait(run, export: Path) -> None:
+    """A fifo is opened non-blocking, so nothing waits for its other end in a worker:
+    the open answers at once, a read with nothing written answers EAGAIN, and a
+    write-only open with no reader answers ENXIO (tests/test_ninep_export_security.py
+    has the many-clients version of this)."""
 
     async def body() -> None:
         os.mkfifo(export / "fifo")
         server, port = await _serve(export)
         cl = await Client.connect_tcp("127.0.0.1", port)
-        opening = asyncio.ensure_future(cl.open("fifo"))
-        for _ in range(20):  # served while the open waits
-            assert (await cl.stat("hello.txt")).size == 6
-        assert not opening.done()
-        loop = asyncio.get_running_loop()
-        wfd = await loop.run_in_executor(None, os.open, str(export / "fifo"), os.O_WRONLY)
+        f = await asyncio.wait_for(cl.open("fifo"), 10)
+        wfd = os.open(export / "fifo", os.O_WRONLY | os.O_NONBLOCK)
         try:
-            f = await asyncio.wait_for(opening, 10)
-            reading = asyncio.ensure_future(f.pread(100, 0))
-            assert (await cl.stat("big")).size == len(BIG)
-            assert not reading.done()
+            with pytest.raises(NinepError) as info:
+                await f.pread(100, 0)
+            assert info.value.errno == errno.EAGAIN
             os.write(wfd, b"through the fifo")
-            assert await asyncio.wait_for(reading, 10) == b"through the fifo"
+            assert await asyncio.wait_for(f.pread(100, 0), 10) == b"through the fifo"
         finally:
             os.close(wfd)
         await f.close()
+        os.mkfifo(export / "fifo2")
+        with pytest.raises(NinepError) as info:
+            await asyncio.wait_for(cl.open("fifo2", "w"), 10)
+        assert info.value.errno == errno.ENXIO
         await cl.close()
         await server.close()
 

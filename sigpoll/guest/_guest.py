@@ -25,6 +25,7 @@ from ._netns import NetNamespace, NetnsUnavailable
 from ._init_script import (
     GUEST_DIR,
     PORTS_DIR,
+    SHARE_OPTIONS,
     CommandScanner,
     command_line,
     command_text,
@@ -466,7 +467,7 @@ class Guest:
                 self._servers.append(server)
                 self._virtio_tasks.append(asyncio.ensure_future(serve_ninep(port, server)))
                 argv = ninep_mount_command(f"{PORTS_DIR}/{port.name}", f"/mnt/{tag}", msize=SHARE_MSIZE,
-                                           relay=relay, python=python)
+                                           relay=relay, python=python, options=SHARE_OPTIONS)
                 mounts.append((tag, shlex.join(argv)))
                 self._status(f"share {path} -> /mnt/{tag} (9P over a virtio port)")
             setup += share_mount_lines(modules, mounts)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 __all__ = [
     "GUEST_DIR",
     "PORTS_DIR",
+    "SHARE_OPTIONS",
     "CommandScanner",
     "command_line",
     "command_text",
@@ -32,6 +33,13 @@ _NINEP_MODULES = (
 )
 
 
+#: 9P mount options every share gets, whatever carries it.  access=client: one attach per
+#: guest user, so the server knows who creates a file and the guest kernel checks
+#: permissions against the owners the server reports.  cache=none: the host may change
+#: the files too.
+SHARE_OPTIONS = "access=client,cache=none"
+
+
 def share_setup(modules_dir: str, mounts: Sequence[tuple[str, str, int]], msize: int) -> list[str]:
     """Init lines that load v9fs and mount each ``(tag, host_address, port)`` at /mnt/TAG.
 
@@ -40,7 +48,7 @@ def share_setup(modules_dir: str, mounts: Sequence[tuple[str, str, int]], msize:
     """
     # privport: the guest kernel connects from a port below 1024, which only the guest's root
     # may bind, so the server can tell the guest's mount from a guest user's own client.
-    options = f"version=9p2000.L,msize={msize},access=any,cache=none,privport"
+    options = f"version=9p2000.L,msize={msize},{SHARE_OPTIONS},privport"
     return share_mount_lines(modules_dir, [
         (tag, f"mount -t 9p -o trans=tcp,port={port},{options} {host} /mnt/{tag}") for tag, host, port in mounts
     ])

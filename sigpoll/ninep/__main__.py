@@ -30,6 +30,7 @@ from .._cli import (
     unix_path,
 )
 from .._unixsock import listen_unix, remove_unix
+from ._runas import drop_to, resolve_user
 from ._server import DEFAULT_MSIZE, MIN_MSIZE, Limits, NinepServer, fd_limit
 
 __all__ = ["main"]
@@ -76,9 +77,18 @@ def _parser() -> Parser:
     s.add_argument("--read-only", action="store_true", help="refuse every change (EROFS)")
     s.add_argument("--msize", type=size(MIN_MSIZE, _MAX_MSIZE), default=DEFAULT_MSIZE,
                    metavar="SIZE", help="largest message")
+    s.add_argument("--security-model", choices=("mapped", "passthrough"), default="mapped",
+                   help="mapped: clients' owners, modes, device nodes and xattrs live in an "
+                        "xattr of plain host files; passthrough: owners and modes are the "
+                        "host's (either way no device node, set-id bit or privileged xattr "
+                        "reaches the host; see docs/ninep.md)")
     s.add_argument("--squash-uid", type=integer(0, _MAX_ID), metavar="UID",
-                   help="new files belong to UID (and its --squash-gid); chown ignored")
+                   help="new files belong to UID on the host (and its --squash-gid); files "
+                        "that exist are never re-owned")
     s.add_argument("--squash-gid", type=integer(0, _MAX_ID), metavar="GID")
+    s.add_argument("--user", metavar="USER",
+                   help="once the export is open and the listener bound, run as USER "
+                        "(a name or a uid; needs root)")
     s.add_argument("--workers", type=integer(1, 1024), default=8, metavar="N",
                    help="file system threads")
     d = Limits()
@@ -133,12 +143,18 @@ async def _serve(args: Any) -> int:
                     max_connection_fds=args.max_connection_fds,
                     version_timeout=args.version_timeout,
                     max_threads_per_peer=args.max_threads_per_peer)
-    server = NinepServer(args.dir, read_only=args.read_only, msize=args.msize,
-                         squash_uid=args.squash_uid, squash_gid=args.squash_gid,
-                         workers=args.workers, limits=limits, inline=args.inline)
+    try:
+        server = NinepServer(args.dir, read_only=args.read_only, msize=args.msize,
+                             squash_uid=args.squash_uid, squash_gid=args.squash_gid,
+                             workers=args.workers, limits=limits, inline=args.inline,
+                             security_model=args.security_model)
+    except OSError as exc:  # squash without root, no user.* xattrs for the mapped model
+        raise UsageError(f"cannot export {args.dir}: {exc.strerror or exc}") from None
     listener: socket.socket | None = None
     try:
         if args.fd is not None:
+            if args.user is not None:
+                drop_to(args.user)
             await server.serve_fds(*args.fd)
             return 0
         kind, where = args.listen
@@ -148,6 +164,8 @@ async def _serve(args: Any) -> int:
             except OSError as exc:
                 raise _listen_error(where, exc) from None
             await server.start_socket(listener)
+            if args.user is not None:
+                drop_to(args.user)
             log.info("serving %s on unix:%s", args.dir, where)
         else:
             host, port = where
@@ -155,6 +173,8 @@ async def _serve(args: Any) -> int:
                 srv = await server.start_tcp(host, port)
             except OSError as exc:
                 raise _listen_error(f"{host}:{port}", exc) from None
+            if args.user is not None:
+                drop_to(args.user)
             bound = getattr(srv, "sockets")[0].getsockname()
             log.info("serving %s on %s:%d", args.dir, bound[0], bound[1])
         await asyncio.get_running_loop().create_future()  # until a signal cancels us
@@ -189,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             check_fd(r, read=True, write=w == r, what=f"--fd {r}")
             if w != r:
                 check_fd(w, write=True, what=f"--fd {r},{w}: fd {w}")
+        if args.user is not None:
+            try:
+                args.user = resolve_user(args.user, args.squash_uid, args.squash_gid)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
     except UsageError as exc:
         log.error("%s", exc.message)
         return exc.status

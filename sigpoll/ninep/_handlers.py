@@ -84,7 +84,7 @@ class FileFid:
     """
 
     __slots__ = ("handle", "uid", "account", "fds", "state", "open_fd", "xattr",
-                 "xattr_new", "refs", "clunked", "regular", "nowait", "dir_lock")
+                 "xattr_new", "refs", "clunked", "regular", "nowait", "dir_lock", "drop_setid")
 
     def __init__(self, handle: Handle, uid: int, account: Account,
                  xattr: bytes | None = None) -> None:
@@ -109,6 +109,9 @@ class FileFid:
         self.nowait = True
         #: Made by the first Treaddir (on the loop thread): one reader of the position at once.
         self.dir_lock: threading.Lock | None = None
+        #: Set-id bits still to be cleared before this fid's first write (its uid is not
+        #: root's, so it writes as Linux's callers without CAP_FSETID do: Export.drop_setid).
+        self.drop_setid = False
 
     def __repr__(self) -> str:
         return f"<FileFid {self.handle!r} open={self.open_fd} refs={self.refs}>"
@@ -388,6 +391,7 @@ def _opened(ctx: Serving, f: FileFid, fd: int, st: os.stat_result) -> Reply:
         raise OSError(errno.EBADF, "fid went away meanwhile")
     f.opened(fd)
     f.regular = stat.S_ISREG(st.st_mode)
+    f.drop_setid = f.regular and f.uid != 0
     return c.Rlopen(ctx.fs.qid(st), _iounit(ctx))
 
 
@@ -458,6 +462,7 @@ async def _lcreate(ctx: Serving, m: c.Tlcreate, fids: Fids) -> Reply:
         f.handle = h
         f.opened(fd)
         f.regular = stat.S_ISREG(st.st_mode)
+        f.drop_setid = f.regular and f.uid != 0
         if old is not None:
             old.close()
         return c.Rlcreate(fs.qid(st), _iounit(ctx))
@@ -754,6 +759,9 @@ async def _write(ctx: Serving, m: c.Twrite, fids: Fids) -> Reply:
                 buf.extend(bytes(end - len(buf)))
             buf[m.offset:end] = m.data
             return c.Rwrite(len(m.data))
+        if f.drop_setid and f.uid != 0:
+            await ctx.call(ctx.fs.drop_setid, f.the_handle())
+            f.drop_setid = False
         n = await ctx.call(_pwrite, _open_of(f), m.data, _offset(m.offset), f.regular)
         return c.Rwrite(n)
 
@@ -763,7 +771,7 @@ def _write_fast(ctx: Serving, m: c.Twrite, fids: Fids) -> Reply | None:
     f = fids.get(m.fid)
     if (f is None or f.clunked or f.open_fd is None or not f.regular
             or f.xattr_new is not None or len(m.data) > INLINE_WRITE_MAX
-            or m.offset > MAX_OFFSET):
+            or m.offset > MAX_OFFSET or (f.drop_setid and f.uid != 0)):
         return None
     n = retry_eintr(os.pwrite, f.open_fd, m.data, m.offset)
     return _RWRITE.pack(_RWRITE.size, c.Rwrite.TYPE, m.tag, n)
@@ -852,6 +860,7 @@ async def _xattrcreate(ctx: Serving, m: c.Txattrcreate, fids: Fids) -> Reply:
         # The value arrives in Twrites on this fid and is applied when it is clunked; its
         # declared size counts from now on.
         name = _no_nul(m.name, "xattr name")
+        ctx.fs.check_xattr_name(name)  # a name the security model refuses fails here
         if f.xattr_new is not None:
             f.hold_state(-f.xattr_new[1])
         f.xattr_new = None

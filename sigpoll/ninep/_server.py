@@ -179,8 +179,10 @@ class NinepServer:
     """Serves one directory over 9P2000.L on any number of connections.
 
     ``root``: the directory to export.  ``read_only``: refuse every change with EROFS.
-    ``squash_uid``/``squash_gid``: give new files to this user instead of the attaching
-    one, and ignore chown requests.  ``msize``: the largest message we accept.
+    ``security_model``: ``"mapped"`` (default) or ``"passthrough"``, what clients may make
+    of the host's files (docs/ninep.md, "Security models").  ``squash_uid``/``squash_gid``:
+    the host owner of every new file (see :class:`~sigpoll.ninep._fs.Export`).
+    ``msize``: the largest message we accept.
     ``workers``: threads for file system calls (and the bound on calls running at once).
     ``limits``: see :class:`Limits`.  ``inline``: run cheap calls on the loop (see the
     module docstring); turn it off for an export on a file system whose metadata calls
@@ -197,13 +199,14 @@ class NinepServer:
                  squash_uid: int | None = None, squash_gid: int | None = None,
                  msize: int = DEFAULT_MSIZE, workers: int = 8,
                  limits: Limits | None = None, inline: bool = True,
-                 require_privileged_port: bool = False) -> None:
+                 require_privileged_port: bool = False,
+                 security_model: str = "mapped") -> None:
         if not isinstance(msize, int) or msize < MIN_MSIZE or msize > 0xFFFFFFFF:
             raise ValueError(f"msize must be an integer from {MIN_MSIZE} to 4294967295")
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
         self.export = Export(root, read_only=read_only, squash_uid=squash_uid,
-                             squash_gid=squash_gid)
+                             squash_gid=squash_gid, security_model=security_model)
         self.msize = msize
         self.limits = limits = limits if limits is not None else Limits()
         self.inline = inline
