@@ -228,11 +228,11 @@ def test_ctrl_c_in_a_terminal_leaves_nothing_behind(tmp_path: Any) -> None:
         g.kill()
 
 
-# The guest's root speaks 9P to its share server itself (tests/raw9p.py, from a privileged
+# The guest's root speaks 9P to its share server itself (tests/support/raw9p.py, from a privileged
 # port as the kernel's mount does): a Tlopen of a FIFO, which the server opens on the host,
 # where open(2) waits for a writer that never comes.  The guest kernel's v9fs never sends
 # that (it opens FIFOs itself); a hostile guest can.
-RAW9P = os.path.join(os.path.dirname(os.path.abspath(__file__)), "raw9p.py")
+RAW9P = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "raw9p.py")
 
 
 def _stop(g: Leftovers, proc: subprocess.Popen[bytes], signum: int, within: float) -> None:

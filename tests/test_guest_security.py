@@ -260,7 +260,7 @@ def test_a_guest_user_cannot_speak_to_the_share_server_itself(tmp_path: Any) -> 
 
     async def main() -> tuple[bytes, bytes, bytes]:
         async with Guest(shares=[f"{export}:x"]) as g:
-            client = g.copy_in(os.path.join(os.path.dirname(os.path.abspath(__file__)), "raw9p.py"))
+            client = g.copy_in(os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "raw9p.py"))
             user = await g.run(f"cp {client} /tmp/raw9p.py && chmod 644 /tmp/raw9p.py && "
                                "setpriv --reuid=1000 --regid=1000 --clear-groups python3 /tmp/raw9p.py attach")
             root = await g.run(f"python3 {client} --privileged-port attach")

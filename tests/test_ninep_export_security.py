@@ -30,7 +30,7 @@ import pytest
 import sigpoll
 from sigpoll.ninep import Client, NinepError
 from sigpoll.ninep import _codec as c
-from sigpoll.ninep._testing import free_port
+from support.ninep import free_port
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the attacks need a server running as root")
 

@@ -2,7 +2,7 @@
 and 13.2): one UML guest, its share mounted exactly as ``python -m sigpoll.guest run
 --share`` mounts it, served by the guest runtime's own 9P server with its defaults.
 
-The guest's root runs tests/posix_checks.py on the share (ownership of what root and an
+The guest's root runs tests/support/posix_checks.py on the share (ownership of what root and an
 unprivileged user create, the refusals that user gets on root's files, modes under the
 umask, set-id bits at creation, times on symlinks, ctime after chown(-1, -1), NAME_MAX and
 PATH_MAX, and what root may do there: device nodes, file capabilities, trusted.*).  The
@@ -32,7 +32,7 @@ try:  # the guest branch moves it into sigpoll.guest
 except ImportError:  # pragma: no cover - before that move
     from sigpoll import _uml  # type: ignore[no-redef]
 
-CHECKS = Path(__file__).with_name("posix_checks.py")
+CHECKS = Path(__file__).with_name("support") / "posix_checks.py"
 PYTHON = "/usr/bin/python3"  # the guest sees the host's root: a Python outside /root
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="plays root and another user")

@@ -1,6 +1,6 @@
 """A hostile 9P peer cannot exhaust or stall the server (issue 14's 9P rows, issue 13's
 scheduling items).  Each test plays the attacker against the real command
-(``python -m sigpoll.ninep serve``, through tests/_ninep_proc.py for injected faults) in a
+(``python -m sigpoll.ninep serve``, through tests/support/ninep_proc.py for injected faults) in a
 process of its own, and measures the server's peak RSS, its open fds or whether a polite
 client is still answered, against the bound docs/reliability.md states.  Margins are
 generous; the only timing is "answered within a generous deadline".
@@ -43,7 +43,7 @@ class Server:
         self._log = open(self.log_path, "wb")
         env = dict(os.environ, NINEP_FAULTS=faults)
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "_ninep_proc.py"), "serve", str(export),
+            [sys.executable, str(HERE / "support" / "ninep_proc.py"), "serve", str(export),
              "--listen", f"127.0.0.1:{self.port}", *args],
             stdout=subprocess.DEVNULL, stderr=self._log, env=env)
         if not wait_listening(self.port, self.proc, 20):

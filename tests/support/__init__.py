@@ -7,7 +7,10 @@ They live with the tests (the wheel ships none of them); tests import them as ``
 - ``support.ninep``: a raw 9P wire client, a server subclass that holds chosen requests
   (the production server has no hook), diod as a real peer;
 - ``support.vhost_frontend``: a vhost-user frontend and virtio console driver in Python;
-- ``support.virtio``: a protocol that records what a port delivers, a backend runner.
+- ``support.virtio``: a protocol that records what a port delivers, a backend runner;
+- scripts the tests run as peers elsewhere: ``raw9p.py`` (a 9P client a guest runs against its
+  share server), ``posix_checks.py`` (POSIX checks a guest's root runs on a share) and
+  ``ninep_proc.py`` (the 9P command with injected faults, in its own process).
 """
 
 from __future__ import annotations

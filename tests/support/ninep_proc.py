@@ -1,4 +1,4 @@
-"""``python tests/_ninep_proc.py serve DIR --listen ...``: the 9P server's command, in a
+"""``python tests/support/ninep_proc.py serve DIR --listen ...``: the 9P server's command, in a
 process of its own, with faults injected for the reliability tests.
 
 ``NINEP_FAULTS`` (comma-separated) stands in for a file system that misbehaves:
