@@ -27,6 +27,8 @@ import struct
 import sys
 from collections.abc import Callable
 
+from sigpoll.soak._soak import rss_kib
+
 __all__ = ["main"]
 
 
@@ -34,17 +36,9 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 def _sample() -> tuple[int, int]:
     gc.collect()
-    return _fds(), _rss_kib()
+    return _fds(), rss_kib()
 
 
 async def _callbacks(n: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -7,7 +7,6 @@ package (wheel, sdist, scripts) in test_packaging.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import select
 import shutil
@@ -17,12 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sigpoll import _cli, _unixsock
+from support import started
 
 PY = sys.executable
 COMMANDS = ["console", "ninep", "virtio", "guest", "stress", "soak"]
@@ -31,18 +31,6 @@ COMMANDS = ["console", "ninep", "virtio", "guest", "stress", "soak"]
 def _run(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
     kw.setdefault("stdin", subprocess.DEVNULL)
     return subprocess.run([PY, "-m", *argv], capture_output=True, text=True, timeout=60, **kw)  # type: ignore[call-overload, no-any-return]
-
-
-@contextlib.contextmanager
-def _started(argv: list[str], **kw: object) -> Iterator[subprocess.Popen[bytes]]:
-    """A command started for a test, killed if the test leaves it running."""
-    proc = subprocess.Popen(argv, **kw)  # type: ignore[call-overload]
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _until(ready: Callable[[], bool], timeout: float = 20) -> None:
@@ -299,7 +287,7 @@ def test_ninep_unix_never_deletes_a_file_nor_takes_over_a_live_server(tmp_path: 
     assert precious.read_text() == "keep"
 
     sock = tmp_path / "9p.sock"
-    with _started([PY, "-m", "sigpoll.ninep", "serve", str(tmp_path), "--listen", f"unix:{sock}", "-q"],
+    with started([PY, "-m", "sigpoll.ninep", "serve", str(tmp_path), "--listen", f"unix:{sock}", "-q"],
                   preexec_fn=lambda: os.umask(0)) as first:
         _until(sock.exists)
         assert (sock.stat().st_mode & 0o777) == 0o600  # whatever the umask
@@ -366,7 +354,7 @@ def test_virtio_console_runs_as_a_service_with_stdin_and_stdout_not_terminals(st
     source = tmp_path / "in"
     source.write_bytes(b"typed ahead\n")
     with open(os.devnull if stdin == "devnull" else source, "rb") as i, open(out_file, "wb") as o, \
-            _started([PY, "-m", "sigpoll.virtio", "console", "--socket", str(sock)],
+            started([PY, "-m", "sigpoll.virtio", "console", "--socket", str(sock)],
                      stdin=i, stdout=o, stderr=subprocess.PIPE) as proc:
         _until(lambda: sock.exists() or proc.poll() is not None)
         assert proc.poll() is None
@@ -447,7 +435,7 @@ def test_virtio_verbose_has_help_and_bad_port_names_are_refused() -> None:
 
 
 def test_stress_says_what_it_does_before_it_starts() -> None:
-    with _started([PY, "-m", "sigpoll.stress", "xxd", "--seconds", "30", "--json"],
+    with started([PY, "-m", "sigpoll.stress", "xxd", "--seconds", "30", "--json"],
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
         first = proc.stderr.readline()

@@ -300,3 +300,54 @@ def test_a_backend_given_a_watcher_keeps_every_kick_fd_on_it(
                 assert len(chosen.poller) == 0  # and taken off it again when the frontend left
 
     lp.run_until_complete(asyncio.wait_for(main(), 30))
+
+
+def test_a_9p_server_on_a_tty_uses_the_attached_poller(
+    foreign_loop: asyncio.AbstractEventLoop, tmp_path: Any
+) -> None:
+    # trans=fd over a tty (how a guest's serial line reaches the server): the tty is a device
+    # fd, so on another loop it goes to the poller attach() nested there, not to add_reader.
+    # The client runs on stock asyncio in a thread of its own: uvloop's write pipes also read
+    # their fd (to see the peer close), so a client on uvloop would take part of the replies
+    # from its own read pipe when both are the same pty master.
+    import concurrent.futures
+    import threading
+
+    from sigpoll.ninep import Client, NinepServer
+
+    (tmp_path / "f").write_bytes(b"x" * 100_000)
+    master, slave = os.openpty()
+    master_w = os.dup(master)  # the client's side: a read fd and a write fd (not a socket)
+    lp = foreign_loop
+    read: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+
+    async def client_side() -> bytes:
+        client = await Client.connect_fds(master, master_w, msize=8192)
+        try:
+            return await client.read_file("f")
+        finally:
+            await client.close()
+
+    def client_thread() -> None:
+        try:
+            read.set_result(asyncio.run(asyncio.wait_for(client_side(), 30)))
+        except BaseException as e:  # handed to the test's own thread
+            read.set_exception(e)
+
+    async def main() -> None:
+        with attach() as ap:
+            server = NinepServer(tmp_path)
+            job = asyncio.ensure_future(server.serve_fds(slave))
+            threading.Thread(target=client_thread, daemon=True).start()
+            assert await asyncio.wrap_future(read) == b"x" * 100_000
+            assert len(ap.poller) >= 1  # the tty's fd, on the attached poller
+            assert ap.poller_counters().wakeups >= 1
+            await server.close()
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+
+    try:
+        lp.run_until_complete(asyncio.wait_for(main(), 40))
+    finally:
+        for fd in (master, master_w, slave):
+            os.close(fd)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from sigpoll.ninep import Client, NinepError
+from support import started
 from support.ninep import free_port
 
 CMD = [sys.executable, "-m", "sigpoll.ninep"]
@@ -34,13 +35,8 @@ def export(tmp_path: Path) -> Path:
 @contextlib.contextmanager
 def _serve(*args: str, **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
     """``python -m sigpoll.ninep serve ARGS``, killed if the test leaves it running."""
-    proc = subprocess.Popen([*CMD, "serve", *args], **popen)
-    try:
+    with started([*CMD, "serve", *args], **popen) as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _stderr(proc: subprocess.Popen[bytes]) -> str:

@@ -49,6 +49,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
+from .._devices import DeviceWatcher, device_watcher
 from . import _codec as c
 from ._budget import Account, Budget, PeerShare
 from ._codec import Message
@@ -190,6 +191,8 @@ class NinepServer:
     ``require_privileged_port``: refuse a TCP peer whose source port is 1024 or above
     (only root can bind below it: with Linux's ``privport`` mount option, this keeps a
     guest's unprivileged users from attaching on their own).
+    ``devices``: watches the fds :meth:`serve_fds` serves when they are a tty or another
+    character device (default: :func:`sigpoll.device_watcher` of the running loop).
 
     Use :meth:`start_tcp`, :meth:`start_unix` or :meth:`serve_fds` inside a running
     loop; :meth:`close` ends everything.
@@ -200,7 +203,8 @@ class NinepServer:
                  msize: int = DEFAULT_MSIZE, workers: int = 8,
                  limits: Limits | None = None, inline: bool = True,
                  require_privileged_port: bool = False,
-                 security_model: str = "mapped") -> None:
+                 security_model: str = "mapped",
+                 devices: DeviceWatcher | None = None) -> None:
         if not isinstance(msize, int) or msize < MIN_MSIZE or msize > 0xFFFFFFFF:
             raise ValueError(f"msize must be an integer from {MIN_MSIZE} to 4294967295")
         if not isinstance(workers, int) or workers < 1:
@@ -211,6 +215,7 @@ class NinepServer:
         self.limits = limits = limits if limits is not None else Limits()
         self.inline = inline
         self.require_privileged_port = require_privileged_port
+        self.devices = devices
         self._pool = WorkerPool(workers)
         share = limits.max_threads_per_peer or max(1, workers // 2)
         self._scheduler = Scheduler(workers, min(share, workers))
@@ -273,22 +278,33 @@ class NinepServer:
 
         ``rfd`` alone (or ``wfd == rfd``) may be a socket, a tty or a character device;
         two different fds may be pipes.  The descriptors are duplicated, so the caller
-        keeps ownership of its own.
+        keeps ownership of its own.  A tty or character device (both fds) goes to the
+        device watcher (``devices``), as a console does; sockets and pipes stay on the
+        loop's own transports.
         """
         loop = asyncio.get_running_loop()
         if wfd is None:
             wfd = rfd
         conn = self.protocol(f"fd:{rfd},{wfd}")
         st = os.fstat(rfd)
+        if os.isatty(rfd):
+            import tty
+
+            tty.setraw(rfd)
         if rfd == wfd and stat.S_ISSOCK(st.st_mode):
             sock = socket.socket(fileno=os.dup(rfd))
             sock.setblocking(False)
             await loop.connect_accepted_socket(lambda: conn, sock)
-        else:
-            if os.isatty(rfd):
-                import tty
+        elif stat.S_ISCHR(st.st_mode) and (rfd == wfd or stat.S_ISCHR(os.fstat(wfd).st_mode)):
+            # A device: readiness hints may beat epoll (the seed's race), so the fds go to
+            # sigpoll's poller, whichever loop this runs on.
+            from ..tty import ConsoleTransport
 
-                tty.setraw(rfd)
+            r_dup = os.dup(rfd)
+            w_dup = None if wfd == rfd else os.dup(wfd)
+            ConsoleTransport(loop, conn, r_dup, w_dup,
+                             devices=self.devices or device_watcher(loop))
+        else:
             r = os.fdopen(os.dup(rfd), "rb", buffering=0)
             w = os.fdopen(os.dup(wfd), "wb", buffering=0)
             wtransport, _ = await loop.connect_write_pipe(lambda: _WriteSide(conn), w)

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import _worker
 
-__all__ = ["STALL_SECONDS", "SoakReport", "soak"]
+__all__ = ["STALL_SECONDS", "SoakReport", "rss_kib", "soak"]
 
 #: A stream that moves nothing for this long, while it should, counts as a stall.
 STALL_SECONDS = 5.0
@@ -108,7 +108,8 @@ def _virtio_state(guest: Any) -> str:
     return "; ".join(parts)
 
 
-def _rss_kib() -> int:
+def rss_kib() -> int:
+    """This process's resident memory in KiB (0 where /proc does not say)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -315,7 +316,7 @@ async def soak(
 
             async def sample() -> None:
                 while True:
-                    report.rss_kib.append(_rss_kib())
+                    report.rss_kib.append(rss_kib())
                     report.fds.append(_fd_count())
                     for name, stream in streams.items():
                         if stream._last and time.monotonic() - stream._last > STALL_SECONDS:
@@ -357,7 +358,7 @@ async def soak(
                 writer.close()
                 # Kept when cancelled too: an interrupted soak reports what it saw.
                 report.signals_sent, report.signals_handled = storm.sent, storm.handled
-                report.rss_kib.append(_rss_kib())
+                report.rss_kib.append(rss_kib())
                 report.fds.append(_fd_count())
                 counters = getattr(loop, "poller_counters", None)
                 if counters is not None:

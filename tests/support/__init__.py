@@ -3,7 +3,8 @@
 They live with the tests (the wheel ships none of them); tests import them as ``support``
 (pytest puts tests/ on sys.path) and the benches add tests/ to theirs:
 
-- ``support`` itself: :func:`until`, a wait for a state on the running loop;
+- ``support`` itself: :func:`until`, a wait for a state on the running loop, and
+  :func:`started`, a command run for one test and never left behind;
 - ``support.ninep``: a raw 9P wire client, a server subclass that holds chosen requests
   (the production server has no hook), diod as a real peer;
 - ``support.vhost_frontend``: a vhost-user frontend and virtio console driver in Python;
@@ -16,9 +17,25 @@ They live with the tests (the wheel ships none of them); tests import them as ``
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
 
-__all__ = ["until"]
+__all__ = ["started", "until"]
+
+
+@contextlib.contextmanager
+def started(argv: list[str], **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """``argv`` started for a test (``popen`` as for :class:`subprocess.Popen`), killed and
+    reaped if the test leaves it running."""
+    proc = subprocess.Popen(argv, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
