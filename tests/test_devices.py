@@ -22,6 +22,7 @@ import sigpoll
 from sigpoll import AttachedPoller, DeviceWatcher, Loop, attach, device_watcher
 from sigpoll._signals import pick_signal, signals_in_use
 from sigpoll.tty import connect_console
+from support import until
 
 __all__: list[str] = []
 
@@ -338,6 +339,9 @@ def test_a_9p_server_on_a_tty_uses_the_attached_poller(
         with attach() as ap:
             server = NinepServer(tmp_path)
             job = asyncio.ensure_future(server.serve_fds(slave))
+            # The client speaks once the server has made the tty raw: before, the tty's
+            # echo would send the client its own requests back as replies.
+            await until(lambda: bool(server.connections))
             threading.Thread(target=client_thread, daemon=True).start()
             assert await asyncio.wrap_future(read) == b"x" * 100_000
             assert len(ap.poller) >= 1  # the tty's fd, on the attached poller

@@ -324,6 +324,27 @@ def test_client_rejects_oversize_replies(run) -> None:
     run(body())
 
 
+def test_client_on_pipes_ends_cleanly_on_an_unusable_frame(run, caplog: pytest.LogCaptureFixture) -> None:
+    """Over two pipes (trans=fd), a frame bigger than msize ends the connection with a
+    ConnectionError for the caller, and no error in a callback: a read pipe transport has
+    no abort() (it was called, and raised AttributeError in the loop's callback)."""
+
+    async def body() -> None:
+        to_client_r, to_client_w = os.pipe()
+        to_server_r, to_server_w = os.pipe()
+        try:
+            os.write(to_client_w, (0x40404040).to_bytes(4, "little") + b"\x65\xff\xff")
+            with pytest.raises(ConnectionError, match="unusable frame"):
+                await Client.connect_fds(to_client_r, to_server_w, msize=8192)
+            await asyncio.sleep(0.05)  # any callback error would be logged by now
+        finally:
+            for fd in (to_client_r, to_client_w, to_server_r, to_server_w):
+                os.close(fd)
+
+    run(body())
+    assert "Exception in callback" not in caplog.text, caplog.text
+
+
 def test_require_privileged_port_refuses_unprivileged_source_ports(run, export: Path,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     """With require_privileged_port, a TCP peer whose source port is 1024 or above is

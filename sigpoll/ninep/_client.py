@@ -261,8 +261,10 @@ class Client:
             # after it can be trusted, so the connection ends, and every caller is told.
             self._lost(c.ProtocolError(
                 f"server sent an unusable frame ({exc}; negotiated msize {self.msize})"))
-            if self._transport is not None:
-                self._transport.abort()
+            # A read pipe transport has no abort(); closing it drops its input as well.
+            for t in (self._transport, self._writer):
+                if t is not None and not t.is_closing():
+                    getattr(t, "abort", t.close)()
             return
         for frame in frames:
             self._reply_frame(frame)
