@@ -303,55 +303,37 @@ def test_a_backend_given_a_watcher_keeps_every_kick_fd_on_it(
     lp.run_until_complete(asyncio.wait_for(main(), 30))
 
 
-def test_a_9p_server_on_a_tty_uses_the_attached_poller(
+def test_9p_over_a_tty_uses_the_attached_poller_on_both_sides(
     foreign_loop: asyncio.AbstractEventLoop, tmp_path: Any
 ) -> None:
     # trans=fd over a tty (how a guest's serial line reaches the server): the tty is a device
-    # fd, so on another loop it goes to the poller attach() nested there, not to add_reader.
-    # The client runs on stock asyncio in a thread of its own: uvloop's write pipes also read
-    # their fd (to see the peer close), so a client on uvloop would take part of the replies
-    # from its own read pipe when both are the same pty master.
-    import concurrent.futures
-    import threading
-
+    # fd, so on another loop the server's side and the client's go to the poller attach()
+    # nested there, not to add_reader or pipe transports.  (A client on uvloop with pipe
+    # transports lost replies: uvloop's write pipe reads its fd too, to notice the peer
+    # closing, and took part of them from the shared pty master.)
     from sigpoll.ninep import Client, NinepServer
 
     (tmp_path / "f").write_bytes(b"x" * 100_000)
     master, slave = os.openpty()
-    master_w = os.dup(master)  # the client's side: a read fd and a write fd (not a socket)
+    master_w = os.dup(master)  # the client's side as a read fd and a write fd
     lp = foreign_loop
-    read: concurrent.futures.Future[bytes] = concurrent.futures.Future()
-
-    async def client_side() -> bytes:
-        client = await Client.connect_fds(master, master_w, msize=8192)
-        try:
-            return await client.read_file("f")
-        finally:
-            await client.close()
-
-    def client_thread() -> None:
-        try:
-            read.set_result(asyncio.run(asyncio.wait_for(client_side(), 30)))
-        except BaseException as e:  # handed to the test's own thread
-            read.set_exception(e)
 
     async def main() -> None:
         with attach() as ap:
             server = NinepServer(tmp_path)
             job = asyncio.ensure_future(server.serve_fds(slave))
-            # The client speaks once the server has made the tty raw: before, the tty's
-            # echo would send the client its own requests back as replies.
             await until(lambda: bool(server.connections))
-            threading.Thread(target=client_thread, daemon=True).start()
-            assert await asyncio.wrap_future(read) == b"x" * 100_000
-            assert len(ap.poller) >= 1  # the tty's fd, on the attached poller
+            client = await Client.connect_fds(master, master_w, msize=8192)
+            assert len(ap.poller) >= 2  # the server's tty fd and the client's master
+            assert await client.read_file("f") == b"x" * 100_000
             assert ap.poller_counters().wakeups >= 1
+            await client.close()
             await server.close()
             job.cancel()
             await asyncio.gather(job, return_exceptions=True)
 
     try:
-        lp.run_until_complete(asyncio.wait_for(main(), 40))
+        lp.run_until_complete(asyncio.wait_for(main(), 30))
     finally:
         for fd in (master, master_w, slave):
             os.close(fd)

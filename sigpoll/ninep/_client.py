@@ -195,12 +195,32 @@ class Client:
 
     @classmethod
     async def connect_fds(cls, rfd: int, wfd: int | None = None, **kw: Any) -> Client:
-        """Use a connected socket fd, or a read and a write fd (duplicated)."""
+        """Use a connected socket fd, a tty or character device (one fd or two), or a read
+        and a write pipe.  The fds are duplicated: the caller keeps its own.
+
+        A tty is put in raw mode, and a device goes to the running loop's device watcher
+        (:func:`sigpoll.device_watcher`) as a console does, so no readiness edge is lost
+        on any loop; sockets and pipes use the loop's own transports.
+        """
         import socket
 
         loop = asyncio.get_running_loop()
         self = cls(loop, kw.get("msize", 512 * 1024), kw.pop("max_tags", DEFAULT_MAX_TAGS))
-        if wfd is None or wfd == rfd:
+        if wfd is None:
+            wfd = rfd
+        if os.isatty(rfd):
+            import tty
+
+            tty.setraw(rfd)
+        if stat_mod.S_ISCHR(os.fstat(rfd).st_mode) and stat_mod.S_ISCHR(os.fstat(wfd).st_mode):
+            from ..tty import ConsoleTransport
+
+            # One transport for both directions: a write pipe on uvloop also reads its fd
+            # (to notice the peer closing), and on a shared tty it would take replies.
+            ConsoleTransport(loop, _Protocol(self), os.dup(rfd),
+                             None if wfd == rfd else os.dup(wfd))
+            await asyncio.sleep(0)  # connection_made runs before the first request
+        elif wfd == rfd:
             sock = socket.socket(fileno=os.dup(rfd))
             sock.setblocking(False)
             await loop.connect_accepted_socket(lambda: _Protocol(self), sock)
