@@ -49,7 +49,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from .._devices import DeviceWatcher, device_watcher
+from .._devices import DeviceWatcher
 from . import _codec as c
 from ._budget import Account, Budget, PeerShare
 from ._codec import Message
@@ -303,7 +303,7 @@ class NinepServer:
             r_dup = os.dup(rfd)
             w_dup = None if wfd == rfd else os.dup(wfd)
             ConsoleTransport(loop, conn, r_dup, w_dup,
-                             devices=self.devices or device_watcher(loop))
+                             devices=self.devices)  # None: the loop's own watcher
         else:
             r = os.fdopen(os.dup(rfd), "rb", buffering=0)
             w = os.fdopen(os.dup(wfd), "wb", buffering=0)
